@@ -1,0 +1,52 @@
+package coord
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap/zapcore"
+)
+
+// ClientConfig returns the etcd client settings baton recommends for a
+// server or worker process: gRPC keepalives every second with a one-second
+// timeout, so that a blackholed connection is torn down and redialled
+// instead of hanging; the client's zap logs routed to logger at warn level
+// and above (nil discards them).
+func ClientConfig(endpoints []string, logger hclog.Logger) clientv3.Config {
+	return clientv3.Config{
+		Endpoints:            endpoints,
+		DialTimeout:          5 * time.Second,
+		DialKeepAliveTime:    time.Second,
+		DialKeepAliveTimeout: time.Second,
+		PermitWithoutStream:  true,
+		Logger:               ZapLogger(logger, zapcore.WarnLevel),
+	}
+}
+
+// Dial creates a client with ClientConfig and makes sure etcd answers a
+// linearizable read before ctx ends: clientv3.New does not block, so an
+// unreachable cluster would otherwise only show up at the first call.
+// The caller owns the returned client and closes it.
+func Dial(ctx context.Context, endpoints []string, logger hclog.Logger) (*clientv3.Client, error) {
+	cli, err := clientv3.New(ClientConfig(endpoints, logger))
+	if err != nil {
+		return nil, fmt.Errorf("coord: etcd client for %v: %w", endpoints, err)
+	}
+	if err := Probe(ctx, cli); err != nil {
+		cli.Close()
+		return nil, err
+	}
+	return cli, nil
+}
+
+// Probe performs one count-only linearizable read; it returns nil when the
+// cluster has a leader and answered before ctx ended.
+func Probe(ctx context.Context, cli *clientv3.Client) error {
+	if _, err := cli.Get(clientv3.WithRequireLeader(ctx), "/", clientv3.WithCountOnly()); err != nil {
+		return fmt.Errorf("coord: etcd at %v did not answer: %w", cli.Endpoints(), err)
+	}
+	return nil
+}

@@ -1,0 +1,408 @@
+package coord
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap/zapcore"
+)
+
+// EmbeddedConfig configures an in-process etcd cluster.
+type EmbeddedConfig struct {
+	// Dir holds the members' data directories (m0, m1, m2). Empty means a
+	// new temporary directory, removed by Close. A given Dir is kept, and
+	// so are the member directories unless RemoveData is set. Embedded
+	// always starts a new cluster: it refuses a Dir that already holds
+	// member directories rather than overwrite or misread them.
+	Dir string
+	// RemoveData makes Close remove the member directories it created in
+	// a given Dir. Ignored when Dir is empty (always removed).
+	RemoveData bool
+	// Members is the number of etcd members: 1 (default) or 3.
+	Members int
+	// FastTimings makes the cluster suitable for tests: a 10 ms heartbeat,
+	// a 100 ms election timeout and no fsync, so leases can be as short as
+	// 1 s. Default false: etcd's own timings (100 ms heartbeat, 1 s
+	// election timeout, fsync), with which etcd grants no lease below 2 s.
+	FastTimings bool
+	// Logger receives etcd's own logs at LogLevel and above. Nil discards
+	// them: an embedded etcd never writes to stderr on its own.
+	Logger hclog.Logger
+	// LogLevel is the lowest etcd log level forwarded: "debug", "info",
+	// "warn" (default) or "error".
+	LogLevel string
+	// StartTimeout bounds how long Start waits for the cluster to elect a
+	// leader. Default 30 s.
+	StartTimeout time.Duration
+}
+
+// Embedded is an etcd cluster running inside this process on loopback
+// ports. Its methods are safe for concurrent use. Close every client you
+// created against it before calling Close: etcd waits for open client
+// streams when it shuts down.
+type Embedded struct {
+	cfg     EmbeddedConfig
+	dir     string
+	created []string // what Close removes
+	logger  hclog.Logger
+
+	mu      sync.Mutex
+	members []*member
+	client  *clientv3.Client
+	closed  bool
+}
+
+type member struct {
+	name       string
+	dir        string
+	clientURL  url.URL
+	peerURL    url.URL
+	etcd       *embed.Etcd // nil while stopped
+	startCount int
+}
+
+// StartEmbedded starts the cluster and returns once it has a leader and
+// answers a linearizable read.
+func StartEmbedded(cfg EmbeddedConfig) (*Embedded, error) {
+	if cfg.Members == 0 {
+		cfg.Members = 1
+	}
+	if cfg.Members != 1 && cfg.Members != 3 {
+		return nil, fmt.Errorf("%w: EmbeddedConfig.Members (%d) must be 1 or 3", ErrInvalidConfig, cfg.Members)
+	}
+	if cfg.LogLevel == "" {
+		cfg.LogLevel = "warn"
+	}
+	var min zapcore.Level
+	if err := min.Set(cfg.LogLevel); err != nil {
+		return nil, fmt.Errorf("%w: EmbeddedConfig.LogLevel (%q): %v", ErrInvalidConfig, cfg.LogLevel, err)
+	}
+	if cfg.StartTimeout == 0 {
+		cfg.StartTimeout = 30 * time.Second
+	}
+	e := &Embedded{cfg: cfg, logger: cfg.Logger}
+	if e.logger == nil {
+		e.logger = hclog.NewNullLogger()
+	}
+	e.dir = cfg.Dir
+	if e.dir == "" {
+		dir, err := os.MkdirTemp("", "baton-etcd-")
+		if err != nil {
+			return nil, fmt.Errorf("coord: embedded etcd data directory: %w", err)
+		}
+		e.dir = dir
+		e.created = append(e.created, dir)
+	}
+	// Ports picked from :0 can be taken by someone else before etcd binds
+	// them; start again on fresh ports when that happens.
+	var err error
+	for attempt := 0; attempt < 5; attempt++ {
+		if err = e.startAll(); err == nil || !isAddrInUse(err) {
+			break
+		}
+		e.logger.Debug("port taken, retrying with new ports", "error", err)
+	}
+	if err != nil {
+		e.Close()
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.StartTimeout)
+	defer cancel()
+	e.client, err = e.NewClient(ctx)
+	if err != nil {
+		e.Close()
+		return nil, err
+	}
+	return e, nil
+}
+
+func (e *Embedded) startAll() error {
+	e.stopAll()
+	e.members = nil
+	ports, err := freePorts(2 * e.cfg.Members)
+	if err != nil {
+		return err
+	}
+	var cluster []string
+	for i := 0; i < e.cfg.Members; i++ {
+		m := &member{
+			name:      fmt.Sprintf("m%d", i),
+			clientURL: url.URL{Scheme: "http", Host: fmt.Sprintf("127.0.0.1:%d", ports[2*i])},
+			peerURL:   url.URL{Scheme: "http", Host: fmt.Sprintf("127.0.0.1:%d", ports[2*i+1])},
+		}
+		m.dir = filepath.Join(e.dir, m.name)
+		if _, err := os.Stat(m.dir); err == nil {
+			return fmt.Errorf("%w: EmbeddedConfig.Dir (%s) already holds etcd member data %s", ErrInvalidConfig, e.dir, m.dir)
+		}
+		e.members = append(e.members, m)
+		cluster = append(cluster, m.name+"="+m.peerURL.String())
+	}
+	if err := e.startMembers(strings.Join(cluster, ",")); err != nil {
+		// A failed attempt leaves member directories that name the old
+		// ports; the next attempt must not find them.
+		e.stopAll()
+		for _, m := range e.members {
+			os.RemoveAll(m.dir)
+		}
+		return err
+	}
+	if e.cfg.Dir != "" && e.cfg.RemoveData {
+		for _, m := range e.members {
+			e.created = append(e.created, m.dir)
+		}
+	}
+	return nil
+}
+
+func (e *Embedded) startMembers(initialCluster string) error {
+	for _, m := range e.members {
+		if err := e.startMember(m, initialCluster); err != nil {
+			return err
+		}
+	}
+	timeout := time.NewTimer(e.cfg.StartTimeout)
+	defer timeout.Stop()
+	for _, m := range e.members {
+		select {
+		case <-m.etcd.Server.ReadyNotify():
+		case err := <-m.etcd.Err():
+			return fmt.Errorf("coord: embedded etcd member %s: %w", m.name, err)
+		case <-timeout.C:
+			return fmt.Errorf("coord: embedded etcd did not become ready within %v", e.cfg.StartTimeout)
+		}
+	}
+	return nil
+}
+
+func (e *Embedded) startMember(m *member, initialCluster string) error {
+	c := embed.NewConfig()
+	c.Name = m.name
+	c.Dir = m.dir
+	c.ListenClientUrls = []url.URL{m.clientURL}
+	c.AdvertiseClientUrls = []url.URL{m.clientURL}
+	c.ListenPeerUrls = []url.URL{m.peerURL}
+	c.AdvertisePeerUrls = []url.URL{m.peerURL}
+	c.InitialCluster = initialCluster
+	c.InitialClusterToken = "baton-embedded"
+	c.LogLevel = e.cfg.LogLevel
+	var min zapcore.Level
+	_ = min.Set(e.cfg.LogLevel) // validated in StartEmbedded
+	c.ZapLoggerBuilder = embed.NewZapLoggerBuilder(ZapLogger(e.logger.Named("etcd").With("member", m.name), min))
+	if m.startCount > 0 {
+		c.ClusterState = embed.ClusterStateFlagExisting
+	}
+	if e.cfg.FastTimings {
+		c.TickMs = 10
+		c.ElectionMs = 100
+		c.UnsafeNoFsync = true
+	}
+	etcd, err := embed.StartEtcd(c)
+	if err != nil {
+		return fmt.Errorf("coord: start embedded etcd member %s: %w", m.name, err)
+	}
+	m.etcd = etcd
+	m.startCount++
+	return nil
+}
+
+// Endpoints returns the client URLs of all members, stopped ones included.
+func (e *Embedded) Endpoints() []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := make([]string, len(e.members))
+	for i, m := range e.members {
+		out[i] = m.clientURL.String()
+	}
+	return out
+}
+
+// Endpoint returns the client URL of member i.
+func (e *Embedded) Endpoint(i int) string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.members[i].clientURL.String()
+}
+
+// Client returns a client connected to all members. Embedded owns it and
+// closes it in Close; do not close it yourself.
+func (e *Embedded) Client() *clientv3.Client { return e.client }
+
+// NewClient returns a new client of all members (or of the given
+// endpoints, e.g. a proxy in front of a member), configured with
+// ClientConfig and probed. The caller closes it, before Close.
+func (e *Embedded) NewClient(ctx context.Context, endpoints ...string) (*clientv3.Client, error) {
+	if len(endpoints) == 0 {
+		endpoints = e.Endpoints()
+	}
+	return Dial(ctx, endpoints, e.logger.Named("etcd-client"))
+}
+
+// Stop stops member i, as a crash would (its data stays for Restart).
+func (e *Embedded) Stop(i int) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if i < 0 || i >= len(e.members) {
+		return fmt.Errorf("coord: no embedded etcd member %d", i)
+	}
+	m := e.members[i]
+	if m.etcd == nil {
+		return fmt.Errorf("coord: embedded etcd member %d is already stopped", i)
+	}
+	m.etcd.Close()
+	m.etcd = nil
+	return nil
+}
+
+// Restart starts stopped member i again on its old ports and data, and
+// waits until it has rejoined the cluster or ctx ends.
+func (e *Embedded) Restart(ctx context.Context, i int) error {
+	e.mu.Lock()
+	if i < 0 || i >= len(e.members) {
+		e.mu.Unlock()
+		return fmt.Errorf("coord: no embedded etcd member %d", i)
+	}
+	m := e.members[i]
+	if m.etcd != nil {
+		e.mu.Unlock()
+		return fmt.Errorf("coord: embedded etcd member %d is running", i)
+	}
+	var cluster []string
+	for _, o := range e.members {
+		cluster = append(cluster, o.name+"="+o.peerURL.String())
+	}
+	err := e.startMember(m, strings.Join(cluster, ","))
+	etcd := m.etcd
+	e.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	select {
+	case <-etcd.Server.ReadyNotify():
+		return nil
+	case err := <-etcd.Err():
+		return fmt.Errorf("coord: embedded etcd member %d: %w", i, err)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Leader returns the index of the member that is raft leader, as seen by
+// the running members, waiting until they agree on one or ctx ends.
+func (e *Embedded) Leader(ctx context.Context) (int, error) {
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if i, ok := e.agreedLeader(); ok {
+			return i, nil
+		}
+		select {
+		case <-ctx.Done():
+			return -1, fmt.Errorf("coord: embedded etcd has no leader: %w", ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+func (e *Embedded) agreedLeader() (int, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	leader := -1
+	for _, m := range e.members {
+		if m.etcd == nil {
+			continue
+		}
+		lead := m.etcd.Server.Lead()
+		idx := -1
+		for j, o := range e.members {
+			if o.etcd != nil && uint64(o.etcd.Server.MemberID()) == lead {
+				idx = j
+			}
+		}
+		if idx < 0 || (leader >= 0 && idx != leader) {
+			return -1, false
+		}
+		leader = idx
+	}
+	return leader, leader >= 0
+}
+
+// StopLeader stops the current raft leader and returns its index.
+func (e *Embedded) StopLeader(ctx context.Context) (int, error) {
+	i, err := e.Leader(ctx)
+	if err != nil {
+		return -1, err
+	}
+	return i, e.Stop(i)
+}
+
+// Close closes Embedded's own client, stops every member and removes what
+// it created. It is idempotent.
+func (e *Embedded) Close() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return nil
+	}
+	e.closed = true
+	if e.client != nil {
+		e.client.Close()
+	}
+	e.stopAll()
+	var errs []error
+	for _, dir := range e.created {
+		errs = append(errs, os.RemoveAll(dir))
+	}
+	return errors.Join(errs...)
+}
+
+func (e *Embedded) stopAll() {
+	var wg sync.WaitGroup
+	for _, m := range e.members {
+		if m.etcd == nil {
+			continue
+		}
+		wg.Add(1)
+		go func(etcd *embed.Etcd) {
+			defer wg.Done()
+			etcd.Close()
+		}(m.etcd)
+		m.etcd = nil
+	}
+	wg.Wait()
+}
+
+// freePorts returns n distinct loopback ports that were free a moment ago.
+func freePorts(n int) ([]int, error) {
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	ports := make([]int, 0, n)
+	for i := 0; i < n; i++ {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("coord: pick a free port: %w", err)
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
+
+func isAddrInUse(err error) bool {
+	return errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use")
+}

@@ -1,0 +1,107 @@
+package coord
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// An Epoch is one unbroken period during which a Session's guard holds:
+// every moment of it is covered by a confirmation round, so the server may
+// act as owner of what it holds under the lease. An epoch ends — Done is
+// closed — when its guard deadline passes without a newer confirmation,
+// when the lease is lost, or when the session closes; it never restarts.
+// When confirmations resume, the session starts a new Epoch (on the same
+// lease if etcd still has it, else on a new one).
+//
+// An Epoch is safe for concurrent use.
+type Epoch struct {
+	clock    *monoClock
+	lease    clientv3.LeaseID
+	ttl      time.Duration
+	deadline atomic.Int64 // monoClock nanoseconds; only grows
+	done     chan struct{}
+
+	endOnce sync.Once
+	err     error // set before done is closed
+}
+
+func newEpoch(clock *monoClock, lease clientv3.LeaseID, ttl time.Duration, deadline int64) *Epoch {
+	e := &Epoch{clock: clock, lease: lease, ttl: ttl, done: make(chan struct{})}
+	e.deadline.Store(deadline)
+	return e
+}
+
+// Lease is the etcd lease the epoch's ownerships are bound to.
+func (e *Epoch) Lease() clientv3.LeaseID { return e.lease }
+
+// TTL is the lease TTL etcd granted (which may exceed the one asked for).
+func (e *Epoch) TTL() time.Duration { return e.ttl }
+
+// Done is closed by the session when the epoch ends. It never blocks
+// anyone and is never reopened.
+func (e *Epoch) Done() <-chan struct{} { return e.done }
+
+// Err is nil while the epoch lasts, then says why it ended:
+// ErrUnconfirmed, ErrLeaseLost or ErrSessionClosed.
+func (e *Epoch) Err() error {
+	select {
+	case <-e.done:
+		return e.err
+	default:
+		return nil
+	}
+}
+
+// Deadline is the instant the epoch ends unless a newer confirmation
+// arrives first. It only moves forward.
+func (e *Epoch) Deadline() time.Time { return e.clock.time(e.deadline.Load()) }
+
+// Check reports whether the server may still act under this epoch, by
+// comparing the clock with the deadline. Call it right before an action
+// that must not happen after the ownership ended: unlike Done, it is
+// correct even when the process was paused (SIGSTOP, a long GC) and no
+// timer has fired yet.
+func (e *Epoch) Check() error {
+	if err := e.Err(); err != nil {
+		return err
+	}
+	if e.clock.now() >= e.deadline.Load() {
+		return ErrUnconfirmed
+	}
+	return nil
+}
+
+// extend moves the deadline to d if that is later; it reports whether the
+// epoch was still live at the moment of the call.
+func (e *Epoch) extend(d int64) bool {
+	if e.Check() != nil {
+		return false
+	}
+	for {
+		old := e.deadline.Load()
+		if d <= old || e.deadline.CompareAndSwap(old, d) {
+			return true
+		}
+	}
+}
+
+// end closes the epoch with err; later calls do nothing.
+func (e *Epoch) end(err error) {
+	e.endOnce.Do(func() {
+		e.err = err
+		close(e.done)
+	})
+}
+
+// monoClock reads Go's monotonic clock as nanoseconds since its creation,
+// so deadlines can live in an atomic int64 without wall-clock jumps.
+type monoClock struct{ base time.Time }
+
+func newMonoClock() *monoClock { return &monoClock{base: time.Now()} }
+
+func (c *monoClock) now() int64 { return int64(time.Since(c.base)) }
+
+func (c *monoClock) time(n int64) time.Time { return c.base.Add(time.Duration(n)) }

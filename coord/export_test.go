@@ -1,0 +1,4 @@
+package coord
+
+// UnescapeForTest exposes unescape to the external tests.
+var UnescapeForTest = unescape

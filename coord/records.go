@@ -1,0 +1,227 @@
+package coord
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+)
+
+// RecordVersion is the format version of every record this baton writes.
+// Decoding refuses any other version rather than guess at its meaning.
+const RecordVersion = 1
+
+// maxRecordBytes bounds what a decoder accepts; real records are a few
+// hundred bytes.
+const maxRecordBytes = 64 << 10
+
+// ProtocolHTTP is the protocol every server must offer: PowerJob's workers
+// speak HTTP to their server.
+const ProtocolHTTP = "HTTP"
+
+// Endpoint is where a server answers one protocol. Address is what other
+// servers and workers on the same network dial; ExternalAddress, when set,
+// is the address handed to workers that reach the server through NAT.
+type Endpoint struct {
+	Address         string `json:"address"`
+	ExternalAddress string `json:"externalAddress,omitempty"`
+}
+
+// Protocols maps a protocol name ("HTTP") to where the server answers it.
+type Protocols map[string]Endpoint
+
+// AppRecord is stored under both apps/names/{name} and apps/ids/{id}.
+type AppRecord struct {
+	Version   int       `json:"version"`
+	ID        int64     `json:"id"`
+	Name      string    `json:"name"`
+	CreatedAt time.Time `json:"createdAt"`
+}
+
+// OwnerRecord is the value of current-server/{appId}: which server owns
+// the app and how to reach it. It is written once per ownership and bound
+// to the owner's lease; its ModRevision is the ownership's fencing token.
+type OwnerRecord struct {
+	Version   int       `json:"version"`
+	ServerID  string    `json:"serverId"`
+	Protocols Protocols `json:"protocols"`
+	// TTLMillis is the owner's lease TTL: how long a server that overwrites
+	// this record while the lease is alive must wait before acting.
+	TTLMillis  int64     `json:"ttlMillis"`
+	AcquiredAt time.Time `json:"acquiredAt"`
+}
+
+// ServerRecord is the value of servers/{serverId}, bound to the server's
+// lease: the server is a live member while it exists.
+type ServerRecord struct {
+	Version   int       `json:"version"`
+	ServerID  string    `json:"serverId"`
+	Protocols Protocols `json:"protocols"`
+	StartedAt time.Time `json:"startedAt"`
+	// Software is the baton version the server runs, for diagnostics.
+	Software string `json:"software,omitempty"`
+}
+
+// Encode returns the record as JSON with Version set.
+func (r AppRecord) Encode() ([]byte, error) {
+	r.Version = RecordVersion
+	if err := r.validate(); err != nil {
+		return nil, err
+	}
+	return json.Marshal(r)
+}
+
+// Encode returns the record as JSON with Version set.
+func (r OwnerRecord) Encode() ([]byte, error) {
+	r.Version = RecordVersion
+	if err := r.validate(); err != nil {
+		return nil, err
+	}
+	return json.Marshal(r)
+}
+
+// Encode returns the record as JSON with Version set.
+func (r ServerRecord) Encode() ([]byte, error) {
+	r.Version = RecordVersion
+	if err := r.validate(); err != nil {
+		return nil, err
+	}
+	return json.Marshal(r)
+}
+
+// DecodeAppRecord decodes an app record strictly: unknown fields, another
+// version, missing fields or trailing data give ErrCorruptRecord.
+func DecodeAppRecord(data []byte) (AppRecord, error) {
+	var r AppRecord
+	err := decodeStrict(data, &r, func() error { return r.validateDecoded() })
+	return r, err
+}
+
+// DecodeOwnerRecord decodes an owner record as strictly as DecodeAppRecord.
+func DecodeOwnerRecord(data []byte) (OwnerRecord, error) {
+	var r OwnerRecord
+	err := decodeStrict(data, &r, func() error { return r.validateDecoded() })
+	return r, err
+}
+
+// DecodeServerRecord decodes a server record as strictly as
+// DecodeAppRecord.
+func DecodeServerRecord(data []byte) (ServerRecord, error) {
+	var r ServerRecord
+	err := decodeStrict(data, &r, func() error { return r.validateDecoded() })
+	return r, err
+}
+
+func decodeStrict(data []byte, v any, validate func() error) error {
+	if len(data) > maxRecordBytes {
+		return fmt.Errorf("%w: %d bytes, at most %d are allowed", ErrCorruptRecord, len(data), maxRecordBytes)
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("%w: %v", ErrCorruptRecord, err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return fmt.Errorf("%w: trailing data after the record", ErrCorruptRecord)
+	}
+	if err := validate(); err != nil {
+		return fmt.Errorf("%w: %v", ErrCorruptRecord, err)
+	}
+	return nil
+}
+
+func checkVersion(v int) error {
+	if v != RecordVersion {
+		return fmt.Errorf("record version %d, this baton reads version %d", v, RecordVersion)
+	}
+	return nil
+}
+
+func (r *AppRecord) validateDecoded() error {
+	if err := checkVersion(r.Version); err != nil {
+		return err
+	}
+	return r.validate()
+}
+
+func (r AppRecord) validate() error {
+	if r.ID <= 0 {
+		return fmt.Errorf("app id %d is not positive", r.ID)
+	}
+	if err := validateName("app name", r.Name); err != nil {
+		return err
+	}
+	if r.CreatedAt.IsZero() {
+		return errors.New("app record has no createdAt")
+	}
+	return nil
+}
+
+func (r *OwnerRecord) validateDecoded() error {
+	if err := checkVersion(r.Version); err != nil {
+		return err
+	}
+	return r.validate()
+}
+
+func (r OwnerRecord) validate() error {
+	if err := validateName("server id", r.ServerID); err != nil {
+		return err
+	}
+	if err := r.Protocols.validate(); err != nil {
+		return err
+	}
+	if r.TTLMillis <= 0 {
+		return fmt.Errorf("ttlMillis %d is not positive", r.TTLMillis)
+	}
+	if r.AcquiredAt.IsZero() {
+		return errors.New("owner record has no acquiredAt")
+	}
+	return nil
+}
+
+// TTL is the owner's lease TTL as a duration.
+func (r OwnerRecord) TTL() time.Duration { return time.Duration(r.TTLMillis) * time.Millisecond }
+
+func (r *ServerRecord) validateDecoded() error {
+	if err := checkVersion(r.Version); err != nil {
+		return err
+	}
+	return r.validate()
+}
+
+func (r ServerRecord) validate() error {
+	if err := validateName("server id", r.ServerID); err != nil {
+		return err
+	}
+	if err := r.Protocols.validate(); err != nil {
+		return err
+	}
+	if r.StartedAt.IsZero() {
+		return errors.New("server record has no startedAt")
+	}
+	return nil
+}
+
+// validate requires the HTTP protocol and a non-empty address for each
+// protocol listed.
+func (p Protocols) validate() error {
+	if _, ok := p[ProtocolHTTP]; !ok {
+		return fmt.Errorf("protocols lack %q", ProtocolHTTP)
+	}
+	for name, ep := range p {
+		if err := validateName("protocol name", name); err != nil {
+			return err
+		}
+		if ep.Address == "" {
+			return fmt.Errorf("protocol %q has no address", name)
+		}
+	}
+	return nil
+}
+
+// Validate reports whether p can be published: HTTP present, every
+// protocol named and addressed.
+func (p Protocols) Validate() error { return p.validate() }

@@ -1,0 +1,486 @@
+package coord
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// SessionConfig configures a Session. Durations derived from the TTL are
+// derived from the TTL etcd actually granted.
+type SessionConfig struct {
+	// Client is the caller's etcd client; the session never closes it.
+	// Required.
+	Client *clientv3.Client
+	// Keys is the key layout; its owner prefix is what each round's
+	// linearizable read counts. The zero value means NewKeys("").
+	Keys Keys
+	// TTL is the lease TTL to ask etcd for, a whole number of seconds, at
+	// least 1 s. Default 5 s. etcd may grant more (2 s minimum with
+	// default raft timings); the session then uses what was granted.
+	TTL time.Duration
+	// Margin is how long before the lease could expire in etcd the guard
+	// stops the server. Default max(TTL/10, 200 ms).
+	Margin time.Duration
+	// RoundInterval is the time between the starts of two confirmation
+	// rounds. Default TTL/3. Must leave room for a round before the guard
+	// fires: RoundInterval < TTL - Margin.
+	RoundInterval time.Duration
+	// OnLease, if set, is called with every lease the session obtains,
+	// the first one included, before any epoch of that lease starts: the
+	// place to (re-)write keys bound to the lease, such as the server's
+	// membership key. An error is logged and the call retried after a
+	// short pause. ctx ends when the session closes.
+	OnLease func(ctx context.Context, lease clientv3.LeaseID) error
+	// Logger receives the session's logs. Nil discards them.
+	Logger hclog.Logger
+}
+
+func (c *SessionConfig) withDefaults() (SessionConfig, error) {
+	out := *c
+	if out.Client == nil {
+		return out, fmt.Errorf("%w: SessionConfig.Client is nil", ErrInvalidConfig)
+	}
+	if out.Keys.prefix == "" {
+		out.Keys, _ = NewKeys("")
+	}
+	if out.TTL == 0 {
+		out.TTL = 5 * time.Second
+	}
+	if out.TTL < time.Second {
+		return out, fmt.Errorf("%w: SessionConfig.TTL (%v) must be at least 1s", ErrInvalidConfig, out.TTL)
+	}
+	if out.TTL%time.Second != 0 {
+		return out, fmt.Errorf("%w: SessionConfig.TTL (%v) must be a whole number of seconds: etcd grants leases in seconds", ErrInvalidConfig, out.TTL)
+	}
+	if out.Margin < 0 {
+		return out, fmt.Errorf("%w: SessionConfig.Margin (%v) must not be negative", ErrInvalidConfig, out.Margin)
+	}
+	if out.RoundInterval < 0 {
+		return out, fmt.Errorf("%w: SessionConfig.RoundInterval (%v) must not be negative", ErrInvalidConfig, out.RoundInterval)
+	}
+	margin, interval := out.timings(out.TTL)
+	if interval >= out.TTL-margin {
+		return out, fmt.Errorf("%w: SessionConfig.RoundInterval (%v) must be shorter than TTL (%v) minus Margin (%v)",
+			ErrInvalidConfig, interval, out.TTL, margin)
+	}
+	if out.Logger == nil {
+		out.Logger = hclog.NewNullLogger()
+	}
+	return out, nil
+}
+
+// timings returns the margin and round interval for a granted TTL.
+func (c *SessionConfig) timings(ttl time.Duration) (margin, interval time.Duration) {
+	margin, interval = c.Margin, c.RoundInterval
+	if margin == 0 {
+		margin = max(ttl/10, 200*time.Millisecond)
+	}
+	if interval == 0 {
+		interval = ttl / 3
+	}
+	return margin, interval
+}
+
+// Session is a server's one etcd lease, kept alive by confirmation rounds
+// and watched over by a guard (see the package documentation). It starts a
+// fresh lease by itself when etcd loses the old one. A Session is safe for
+// concurrent use; Close stops everything it started.
+type Session struct {
+	cfg    SessionConfig
+	cli    *clientv3.Client
+	logger hclog.Logger
+	clock  *monoClock
+	watch  watchTracker
+
+	ctx    context.Context // ends at Close
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu       sync.Mutex
+	lease    clientv3.LeaseID
+	ttl      time.Duration
+	epoch    *Epoch        // current or most recently ended
+	newEpoch chan struct{} // closed when epoch is replaced
+	guard    *time.Timer
+	closed   bool
+}
+
+// NewSession grants a lease, calls OnLease, and returns once a first round
+// has confirmed it, or fails when ctx ends first (revoking what it
+// granted).
+func NewSession(ctx context.Context, cfg SessionConfig) (*Session, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	s := &Session{
+		cfg:      cfg,
+		cli:      cfg.Client,
+		logger:   cfg.Logger.Named("session"),
+		clock:    newMonoClock(),
+		newEpoch: make(chan struct{}),
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.watch.init()
+	// Until the first round confirms, the session has an ended epoch so
+	// that Epoch() is never nil.
+	s.epoch = newEpoch(s.clock, 0, 0, 0)
+	s.epoch.end(ErrUnconfirmed)
+
+	// Bind the setup to both the caller's ctx and Close.
+	setup, stop := context.WithCancel(s.ctx)
+	defer stop()
+	defer context.AfterFunc(ctx, stop)()
+	if err := s.startLease(setup); err == nil {
+		err = s.confirmFirst(setup)
+	}
+	if err != nil {
+		s.cancel()
+		s.revoke(context.Background())
+		if ctx.Err() != nil {
+			err = fmt.Errorf("coord: new session: %w (last: %v)", ctx.Err(), err)
+		}
+		return nil, err
+	}
+	s.wg.Go(s.run)
+	return s, nil
+}
+
+// startLease grants a lease and calls OnLease; it retries OnLease until it
+// succeeds or ctx ends.
+func (s *Session) startLease(ctx context.Context) error {
+	grant, err := s.cli.Grant(clientv3.WithRequireLeader(ctx), int64(s.cfg.TTL/time.Second))
+	if err != nil {
+		return fmt.Errorf("coord: grant lease: %w", err)
+	}
+	ttl := time.Duration(grant.TTL) * time.Second
+	s.mu.Lock()
+	s.lease, s.ttl = grant.ID, ttl
+	s.mu.Unlock()
+	if ttl != s.cfg.TTL {
+		s.logger.Info("etcd granted a longer ttl than asked", "asked", s.cfg.TTL, "granted", ttl)
+	}
+	s.logger.Debug("lease granted", "lease", fmt.Sprintf("%x", grant.ID), "ttl", ttl)
+	for s.cfg.OnLease != nil {
+		err := s.cfg.OnLease(ctx, grant.ID)
+		if err == nil {
+			break
+		}
+		s.logger.Warn("lease callback failed, retrying", "error", err)
+		if err := sleep(ctx, s.retryPause()); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// confirmFirst runs rounds until one confirms the new lease.
+func (s *Session) confirmFirst(ctx context.Context) error {
+	for {
+		res := s.round(ctx)
+		if res.err == nil {
+			s.apply(res)
+			return nil
+		}
+		if errors.Is(res.err, ErrLeaseLost) {
+			return res.err
+		}
+		if err := sleep(ctx, s.retryPause()); err != nil {
+			return fmt.Errorf("%w (last round: %v)", err, res.err)
+		}
+	}
+}
+
+// run is the session's one goroutine: a round every RoundInterval, a
+// quick retry after a failed one, a new lease after a lost one.
+func (s *Session) run() {
+	next := time.NewTimer(s.interval())
+	defer next.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-next.C:
+		}
+		start := time.Now()
+		res := s.round(s.ctx)
+		switch {
+		case res.err == nil:
+			s.apply(res)
+			next.Reset(s.interval() - time.Since(start))
+		case errors.Is(res.err, ErrLeaseLost):
+			s.endEpoch(ErrLeaseLost)
+			s.logger.Warn("lease lost, starting a new one", "lease", fmt.Sprintf("%x", res.lease))
+			if err := s.renew(); err != nil {
+				return // closed
+			}
+			next.Reset(s.interval())
+		default:
+			if s.ctx.Err() != nil {
+				return
+			}
+			s.logger.Debug("confirmation round failed", "error", res.err)
+			next.Reset(s.retryPause())
+		}
+	}
+}
+
+// renew starts a new lease and confirms it, retrying until it works or
+// the session closes.
+func (s *Session) renew() error {
+	for {
+		err := s.startLease(s.ctx)
+		if err == nil {
+			err = s.confirmFirst(s.ctx)
+		}
+		if err == nil || s.ctx.Err() != nil {
+			return s.ctx.Err()
+		}
+		s.logger.Warn("could not start a new lease, retrying", "error", err)
+		if err := sleep(s.ctx, s.retryPause()); err != nil {
+			return err
+		}
+	}
+}
+
+// roundResult is what one confirmation round established.
+type roundResult struct {
+	lease clientv3.LeaseID
+	start int64         // when the round started, monoClock
+	ttl   time.Duration // TTL the keepalive acknowledged
+	err   error
+}
+
+// round runs one confirmation round (see the package documentation):
+// a keepalive, a linearizable read giving revision R, and — when a watch
+// is attached — waiting for the watch to be caught up to R. Every step is
+// sent after start, which is what makes start a safe base for the
+// deadline.
+func (s *Session) round(ctx context.Context) roundResult {
+	s.mu.Lock()
+	res := roundResult{lease: s.lease, start: s.clock.now()}
+	s.mu.Unlock()
+	_, interval := s.cfg.timings(s.TTL())
+	ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), interval)
+	defer cancel()
+
+	ka, err := s.cli.KeepAliveOnce(ctx, res.lease)
+	if err != nil {
+		if isLeaseNotFound(err) {
+			res.err = fmt.Errorf("%w: %x", ErrLeaseLost, res.lease)
+		} else {
+			res.err = fmt.Errorf("coord: keepalive: %w", err)
+		}
+		return res
+	}
+	res.ttl = time.Duration(ka.TTL) * time.Second
+	get, err := s.cli.Get(ctx, s.cfg.Keys.OwnerPrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		res.err = fmt.Errorf("coord: linearizable read: %w", err)
+		return res
+	}
+	if err := s.watch.waitCaughtUp(ctx, get.Header.Revision); err != nil {
+		res.err = fmt.Errorf("coord: watch progress to revision %d: %w", get.Header.Revision, err)
+	}
+	return res
+}
+
+// apply turns a successful round into a deadline: the current epoch is
+// extended, or — if it has ended while the lease survived, or if this is a
+// new lease — a new epoch starts.
+func (s *Session) apply(res roundResult) {
+	margin, _ := s.cfg.timings(res.ttl)
+	deadline := res.start + int64(res.ttl-margin)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || res.lease != s.lease || deadline <= s.clock.now() {
+		return
+	}
+	if s.epoch.lease == res.lease && s.epoch.extend(deadline) {
+		s.armGuard()
+		return
+	}
+	s.epoch.end(ErrUnconfirmed) // in case it is still open but expired
+	s.epoch = newEpoch(s.clock, res.lease, res.ttl, deadline)
+	close(s.newEpoch)
+	s.newEpoch = make(chan struct{})
+	s.armGuard()
+	s.logger.Debug("epoch started", "lease", fmt.Sprintf("%x", res.lease), "deadline_in", time.Duration(deadline-s.clock.now()))
+}
+
+// armGuard makes sure the guard timer fires at the current epoch's
+// deadline. Called with s.mu held.
+func (s *Session) armGuard() {
+	wait := time.Duration(s.epoch.deadline.Load() - s.clock.now())
+	if s.guard == nil {
+		s.guard = time.AfterFunc(wait, s.guardFired)
+		return
+	}
+	s.guard.Reset(wait)
+}
+
+// guardFired ends the epoch if its deadline has really passed (it may have
+// been extended since the timer was set).
+func (s *Session) guardFired() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || s.epoch.Err() != nil {
+		return
+	}
+	if s.epoch.Check() != nil {
+		s.epoch.end(ErrUnconfirmed)
+		s.logger.Warn("guard fired: lease unconfirmed, stop acting as owner", "lease", fmt.Sprintf("%x", s.epoch.lease))
+		return
+	}
+	s.armGuard()
+}
+
+func (s *Session) endEpoch(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.epoch.end(err)
+}
+
+// Epoch returns the current epoch, or the one that ended most recently
+// while no new one has started. It never returns nil and never blocks.
+func (s *Session) Epoch() *Epoch {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.epoch
+}
+
+// NextEpoch blocks until an epoch other than prev is current and live,
+// and returns it; it fails when ctx ends or the session closes.
+func (s *Session) NextEpoch(ctx context.Context, prev *Epoch) (*Epoch, error) {
+	for {
+		s.mu.Lock()
+		ep, changed, closed := s.epoch, s.newEpoch, s.closed
+		s.mu.Unlock()
+		if closed {
+			return nil, ErrSessionClosed
+		}
+		if ep != prev && ep.Err() == nil {
+			return ep, nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-s.ctx.Done():
+			return nil, ErrSessionClosed
+		}
+	}
+}
+
+// Check is Epoch().Check(): nil while the server may act as owner.
+func (s *Session) Check() error { return s.Epoch().Check() }
+
+// Lease returns the session's current lease. After a loss it changes.
+func (s *Session) Lease() clientv3.LeaseID {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lease
+}
+
+// TTL returns the TTL etcd granted for the current lease.
+func (s *Session) TTL() time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ttl
+}
+
+// Margin returns the guard margin for the current lease's TTL.
+func (s *Session) Margin() time.Duration {
+	m, _ := s.cfg.timings(s.TTL())
+	return m
+}
+
+// Keys returns the key layout the session was configured with.
+func (s *Session) Keys() Keys { return s.cfg.Keys }
+
+// Client returns the etcd client the session uses.
+func (s *Session) Client() *clientv3.Client { return s.cli }
+
+func (s *Session) interval() time.Duration {
+	_, i := s.cfg.timings(s.TTL())
+	return i
+}
+
+// retryPause is how long to wait after a failed round or grant: short,
+// so that a healed connection is confirmed quickly.
+func (s *Session) retryPause() time.Duration { return min(s.interval()/4, 100*time.Millisecond) }
+
+// Close stops the rounds, ends the current epoch with ErrSessionClosed and
+// revokes the lease, so that every key bound to it disappears at once. It
+// waits for the revoke until ctx ends (or for one TTL when ctx has no
+// deadline). It is idempotent; later calls return nil.
+func (s *Session) Close(ctx context.Context) error {
+	if !s.shutdown() {
+		return nil
+	}
+	return s.revoke(ctx)
+}
+
+// Abandon stops the session without revoking its lease, as a crash would:
+// the lease and its keys live until etcd expires them. For tests and
+// demos of failover.
+func (s *Session) Abandon() { s.shutdown() }
+
+func (s *Session) shutdown() bool {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return false
+	}
+	s.closed = true
+	s.epoch.end(ErrSessionClosed)
+	if s.guard != nil {
+		s.guard.Stop()
+	}
+	s.mu.Unlock()
+	s.cancel()
+	s.wg.Wait()
+	return true
+}
+
+func (s *Session) revoke(ctx context.Context) error {
+	s.mu.Lock()
+	lease, ttl := s.lease, s.ttl
+	s.mu.Unlock()
+	if lease == 0 {
+		return nil
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, max(ttl, time.Second))
+		defer cancel()
+	}
+	if _, err := s.cli.Revoke(ctx, lease); err != nil && !isLeaseNotFound(err) {
+		return fmt.Errorf("coord: revoke lease %x: %w", lease, err)
+	}
+	return nil
+}
+
+func isLeaseNotFound(err error) bool {
+	return errors.Is(err, rpctypes.ErrLeaseNotFound) || errors.Is(err, rpctypes.ErrGRPCLeaseNotFound) ||
+		rpctypes.ErrorDesc(err) == rpctypes.ErrGRPCLeaseNotFound.Error()
+}
+
+// sleep waits for d or until ctx ends.
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

@@ -1,0 +1,144 @@
+// Package testutil holds what baton's tests share: loggers routed to the
+// test, embedded etcd clusters and fault-injection proxies.
+package testutil
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"go.etcd.io/etcd/pkg/v3/proxy"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"github.com/batonhq/baton/coord"
+)
+
+// Logger returns an hclog logger that writes through t.Log and goes quiet
+// once the test has finished (a straggling etcd goroutine must not make
+// the test binary panic).
+func Logger(t testing.TB) hclog.Logger {
+	w := &testWriter{t: t}
+	t.Cleanup(w.stop)
+	return hclog.New(&hclog.LoggerOptions{
+		Name:   t.Name(),
+		Level:  hclog.Debug,
+		Output: w,
+	})
+}
+
+type testWriter struct {
+	mu   sync.Mutex
+	t    testing.TB
+	done bool
+}
+
+func (w *testWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.t.Log(strings.TrimRight(string(p), "\n"))
+	}
+	return len(p), nil
+}
+
+func (w *testWriter) stop() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.done = true
+}
+
+// Etcd starts an embedded cluster with fast timings in t.TempDir() and
+// closes it when the test ends. Register client cleanups after this call
+// so that they run first.
+func Etcd(t testing.TB, members int) *coord.Embedded {
+	t.Helper()
+	e, err := coord.StartEmbedded(coord.EmbeddedConfig{
+		Dir:         t.TempDir(),
+		Members:     members,
+		FastTimings: true,
+		Logger:      Logger(t).Named("etcd"),
+		LogLevel:    "error",
+	})
+	if err != nil {
+		t.Fatalf("start embedded etcd: %v", err)
+	}
+	t.Cleanup(func() { e.Close() })
+	return e
+}
+
+// Client returns a new client of e (or of the given endpoints), closed
+// when the test ends.
+func Client(t testing.TB, e *coord.Embedded, endpoints ...string) *clientv3.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cli, err := e.NewClient(ctx, endpoints...)
+	if err != nil {
+		t.Fatalf("etcd client: %v", err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
+}
+
+// Proxy starts etcd's fault-injection proxy on a free loopback port in
+// front of target (a URL such as "http://127.0.0.1:2379") and closes it
+// when the test ends. The returned URL is what clients should dial.
+func Proxy(t testing.TB, target string) (proxy.Server, string) {
+	t.Helper()
+	to, err := url.Parse(target)
+	if err != nil {
+		t.Fatalf("proxy target %q: %v", target, err)
+	}
+	for attempt := 0; ; attempt++ {
+		port, err := freePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		from := url.URL{Scheme: "tcp", Host: fmt.Sprintf("127.0.0.1:%d", port)}
+		p := proxy.NewServer(proxy.ServerConfig{
+			Logger: zap.NewNop(),
+			From:   from,
+			To:     url.URL{Scheme: "tcp", Host: to.Host},
+		})
+		select {
+		case <-p.Ready():
+			t.Cleanup(func() { p.Close() })
+			return p, "http://" + from.Host
+		case err := <-p.Error():
+			p.Close()
+			if attempt < 5 {
+				continue // the port was taken meanwhile
+			}
+			t.Fatalf("start proxy: %v", err)
+		}
+	}
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// Eventually polls cond every few milliseconds until it returns true, and
+// fails the test if that does not happen within timeout.
+func Eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
