@@ -138,7 +138,8 @@ func NewSession(ctx context.Context, cfg SessionConfig) (*Session, error) {
 	setup, stop := context.WithCancel(s.ctx)
 	defer stop()
 	defer context.AfterFunc(ctx, stop)()
-	if err := s.startLease(setup); err == nil {
+	err = s.startLease(setup)
+	if err == nil {
 		err = s.confirmFirst(setup)
 	}
 	if err != nil {
