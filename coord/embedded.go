@@ -406,3 +406,10 @@ func freePorts(n int) ([]int, error) {
 func isAddrInUse(err error) bool {
 	return errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use")
 }
+
+// MemberDir returns the data directory of member i.
+func (e *Embedded) MemberDir(i int) string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.members[i].dir
+}
