@@ -11,16 +11,19 @@ import (
 )
 
 // ClientConfig returns the etcd client settings baton recommends for a
-// server or worker process: gRPC keepalives every second with a one-second
-// timeout, so that a blackholed connection is torn down and redialled
-// instead of hanging; the client's zap logs routed to logger at warn level
-// and above (nil discards them).
+// server or worker process: gRPC keepalive pings so that a blackholed
+// connection is torn down and redialled instead of hanging, and the
+// client's zap logs routed to logger at warn level and above (nil discards
+// them). gRPC refuses ping intervals below 10 s (it raises them to 10 s),
+// so a dead connection is found after about 12 s; baton's safety never
+// waits for that — the session's guard and every call's deadline do not
+// depend on it.
 func ClientConfig(endpoints []string, logger hclog.Logger) clientv3.Config {
 	return clientv3.Config{
 		Endpoints:            endpoints,
 		DialTimeout:          5 * time.Second,
-		DialKeepAliveTime:    time.Second,
-		DialKeepAliveTimeout: time.Second,
+		DialKeepAliveTime:    10 * time.Second,
+		DialKeepAliveTimeout: 2 * time.Second,
 		PermitWithoutStream:  true,
 		Logger:               ZapLogger(logger, zapcore.WarnLevel),
 	}

@@ -145,8 +145,8 @@ func NewSession(ctx context.Context, cfg SessionConfig) (*Session, error) {
 	if err != nil {
 		s.cancel()
 		s.revoke(context.Background())
-		if ctx.Err() != nil {
-			err = fmt.Errorf("coord: new session: %w (last: %v)", ctx.Err(), err)
+		if ctx.Err() != nil && !errors.Is(err, ctx.Err()) {
+			err = fmt.Errorf("coord: new session: %w: %w", ctx.Err(), err)
 		}
 		return nil, err
 	}
@@ -175,8 +175,8 @@ func (s *Session) startLease(ctx context.Context) error {
 			break
 		}
 		s.logger.Warn("lease callback failed, retrying", "error", err)
-		if err := sleep(ctx, s.retryPause()); err != nil {
-			return err
+		if sleep(ctx, s.retryPause()) != nil {
+			return fmt.Errorf("coord: lease callback: %w", err)
 		}
 	}
 	return nil
@@ -194,7 +194,7 @@ func (s *Session) confirmFirst(ctx context.Context) error {
 			return res.err
 		}
 		if err := sleep(ctx, s.retryPause()); err != nil {
-			return fmt.Errorf("%w (last round: %v)", err, res.err)
+			return fmt.Errorf("%w (last round: %w)", err, res.err)
 		}
 	}
 }

@@ -1,0 +1,40 @@
+// Package coord holds what every side of baton shares: the etcd key
+// layout (Keys), the app registry (Registry), the records stored under the
+// keys, the lease-guarded server session (Session), live-server membership
+// and the successor choice, and an embedded etcd for examples and tests
+// (Embedded).
+//
+// # The session and its guard
+//
+// A server holds one etcd lease for everything: its membership key, its
+// owner keys and its mutex keys. The Session keeps that lease alive with
+// confirmation rounds it runs itself, every RoundInterval (TTL/3). A round
+// that starts at time t
+//
+//  1. sends a keepalive, which must be acknowledged with a TTL above zero,
+//  2. sends a linearizable count-only read, which returns revision R, and
+//  3. if a watch is attached (AttachWatch), waits until its owner reports
+//     (WatchCaughtUp) that the watch has delivered everything up to R,
+//     asking etcd for a progress notification to get there.
+//
+// Such a round confirms the lease as of t: etcd cannot expire it before
+// t+TTL, because the keepalive was processed after t; and no other server
+// can have overwritten one of this server's owner keys before t without
+// the watch showing it, because such a write has a revision at most R. The
+// current Epoch then lasts until t+TTL-Margin, unless a later round
+// extends it. When the deadline passes the epoch ends (Epoch.Done is
+// closed), strictly before etcd could hand the server's keys to anyone
+// else by expiry; Epoch.Check tells the same thing from the clock alone,
+// which stays right even when the process was paused and no timer has run.
+// When rounds succeed again the session starts a new Epoch on the same
+// lease; when etcd has lost the lease it grants a new one, calls OnLease
+// and starts an epoch on that.
+//
+// etcd's own client computes a lease's deadline from when a keepalive
+// response arrived and checks it once a second; with a blackholed
+// connection that leaves a window of most of a second in which a new owner
+// and the old one both act. The guard closes it.
+//
+// During etcd leader changes a new leader extends every lease by its
+// election timeout, so a failover can take TTL plus the election timeout.
+package coord

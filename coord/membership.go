@@ -1,0 +1,247 @@
+package coord
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// ErrServerIDTaken: another live lease holds the server id.
+var ErrServerIDTaken = errors.New("coord: server id registered by another live server")
+
+// RegisterServer returns an OnLease callback for a SessionConfig that
+// writes rec under keys.Server(rec.ServerID), bound to each new lease. If
+// the key is held by another lease — a second process with the same id,
+// or this process's previous incarnation whose lease has not expired yet —
+// the callback fails with ErrServerIDTaken, and the session retries until
+// that lease is gone: two live servers never share an id.
+func RegisterServer(cli *clientv3.Client, keys Keys, rec ServerRecord) (func(context.Context, clientv3.LeaseID) error, error) {
+	key, err := keys.Server(rec.ServerID)
+	if err != nil {
+		return nil, err
+	}
+	val, err := rec.Encode()
+	if err != nil {
+		return nil, fmt.Errorf("coord: server record: %w", err)
+	}
+	return func(ctx context.Context, lease clientv3.LeaseID) error {
+		resp, err := cli.Txn(ctx).If(
+			clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
+		).Then(
+			clientv3.OpPut(key, string(val), clientv3.WithLease(lease)),
+		).Else(
+			clientv3.OpGet(key),
+		).Commit()
+		if err != nil {
+			return fmt.Errorf("coord: register server %q: %w", rec.ServerID, err)
+		}
+		if resp.Succeeded {
+			return nil
+		}
+		kvs := resp.Responses[0].GetResponseRange().Kvs
+		if len(kvs) > 0 && clientv3.LeaseID(kvs[0].Lease) == lease {
+			return nil // already ours
+		}
+		holder := clientv3.LeaseID(0)
+		if len(kvs) > 0 {
+			holder = clientv3.LeaseID(kvs[0].Lease)
+		}
+		return fmt.Errorf("%w: %q is held by lease %x", ErrServerIDTaken, rec.ServerID, holder)
+	}, nil
+}
+
+// Members is the live set of servers, kept current by one watch of
+// {p}/servers/. It is safe for concurrent use; reads never block on etcd.
+type Members struct {
+	cli    *clientv3.Client
+	keys   Keys
+	logger hclog.Logger
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu      sync.RWMutex
+	servers map[string]ServerRecord
+	changes chan struct{}
+}
+
+// WatchMembers reads the live servers and keeps watching them until Close.
+// It fails if the first read does not succeed before ctx ends.
+func WatchMembers(ctx context.Context, cli *clientv3.Client, keys Keys, logger hclog.Logger) (*Members, error) {
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+	m := &Members{cli: cli, keys: keys, logger: logger.Named("members"), changes: make(chan struct{}, 1)}
+	rev, err := m.load(ctx)
+	if err != nil {
+		return nil, err
+	}
+	m.ctx, m.cancel = context.WithCancel(context.Background())
+	m.wg.Go(func() { m.run(rev) })
+	return m, nil
+}
+
+// load replaces the set with what etcd has now and returns its revision.
+func (m *Members) load(ctx context.Context) (int64, error) {
+	resp, err := m.cli.Get(ctx, m.keys.ServerPrefix(), clientv3.WithPrefix())
+	if err != nil {
+		return 0, fmt.Errorf("coord: list servers: %w", err)
+	}
+	servers := make(map[string]ServerRecord, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		if rec, ok := m.decode(kv.Key, kv.Value); ok {
+			servers[rec.ServerID] = rec
+		}
+	}
+	m.mu.Lock()
+	m.servers = servers
+	m.mu.Unlock()
+	m.notify()
+	return resp.Header.Revision, nil
+}
+
+func (m *Members) decode(key, val []byte) (ServerRecord, bool) {
+	id, err := m.keys.ServerIDFromKey(string(key))
+	if err == nil {
+		var rec ServerRecord
+		rec, err = DecodeServerRecord(val)
+		if err == nil && rec.ServerID == id {
+			return rec, true
+		}
+		if err == nil {
+			err = fmt.Errorf("record names server %q", rec.ServerID)
+		}
+	}
+	m.logger.Warn("ignoring a malformed server record", "key", string(key), "error", err)
+	return ServerRecord{}, false
+}
+
+// run follows the watch; a closed or failed watch (compaction, leader
+// loss, disconnection) is answered with a fresh read and a new watch from
+// that read's revision.
+func (m *Members) run(rev int64) {
+	for {
+		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(m.ctx))
+		for resp := range m.cli.Watch(wctx, m.keys.ServerPrefix(), clientv3.WithPrefix(), clientv3.WithRev(rev+1)) {
+			if err := resp.Err(); err != nil {
+				m.logger.Debug("server watch broke, reading again", "error", err)
+				break
+			}
+			m.apply(resp.Events)
+			rev = resp.Header.Revision
+		}
+		cancel()
+		for {
+			if m.ctx.Err() != nil {
+				return
+			}
+			ctx, cancel := context.WithTimeout(m.ctx, 5*time.Second)
+			r, err := m.load(ctx)
+			cancel()
+			if err == nil {
+				rev = r
+				break
+			}
+			m.logger.Debug("reading servers failed, retrying", "error", err)
+			if sleep(m.ctx, 200*time.Millisecond) != nil {
+				return
+			}
+		}
+	}
+}
+
+func (m *Members) apply(events []*clientv3.Event) {
+	if len(events) == 0 {
+		return
+	}
+	m.mu.Lock()
+	for _, ev := range events {
+		switch ev.Type {
+		case clientv3.EventTypePut:
+			if rec, ok := m.decode(ev.Kv.Key, ev.Kv.Value); ok {
+				m.servers[rec.ServerID] = rec
+			}
+		case clientv3.EventTypeDelete:
+			if id, err := m.keys.ServerIDFromKey(string(ev.Kv.Key)); err == nil {
+				delete(m.servers, id)
+			}
+		}
+	}
+	m.mu.Unlock()
+	m.notify()
+}
+
+func (m *Members) notify() {
+	select {
+	case m.changes <- struct{}{}:
+	default:
+	}
+}
+
+// Changes returns a channel that receives a value after the set changed.
+// It keeps only the latest notice (capacity 1, sends never block), so a
+// slow reader sees one notice for many changes; read the set again after
+// each. Members never closes it.
+func (m *Members) Changes() <-chan struct{} { return m.changes }
+
+// Servers returns the live servers ordered by id.
+func (m *Members) Servers() []ServerRecord {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	out := make([]ServerRecord, 0, len(m.servers))
+	for _, rec := range m.servers {
+		out = append(out, rec)
+	}
+	slices.SortFunc(out, func(a, b ServerRecord) int { return strings.Compare(a.ServerID, b.ServerID) })
+	return out
+}
+
+// Get returns the record of live server id.
+func (m *Members) Get(id string) (ServerRecord, bool) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	rec, ok := m.servers[id]
+	return rec, ok
+}
+
+// Rank returns the live servers in the order Rank gives for app.
+func (m *Members) Rank(appID int64) []ServerRecord {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	ids := make([]string, 0, len(m.servers))
+	for id := range m.servers {
+		ids = append(ids, id)
+	}
+	out := make([]ServerRecord, 0, len(ids))
+	for _, id := range Rank(appID, ids) {
+		out = append(out, m.servers[id])
+	}
+	return out
+}
+
+// Successor returns the live server that should take app over, or false
+// when no server is alive.
+func (m *Members) Successor(appID int64) (ServerRecord, bool) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	ids := make([]string, 0, len(m.servers))
+	for id := range m.servers {
+		ids = append(ids, id)
+	}
+	id, ok := Successor(appID, ids)
+	return m.servers[id], ok
+}
+
+// Close stops the watch. It is idempotent.
+func (m *Members) Close() {
+	m.cancel()
+	m.wg.Wait()
+}
