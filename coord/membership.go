@@ -125,8 +125,8 @@ func (m *Members) decode(key, val []byte) (ServerRecord, bool) {
 }
 
 // run follows the watch; a closed or failed watch (compaction, leader
-// loss, disconnection) is answered with a fresh read and a new watch from
-// that read's revision.
+// loss, disconnection) is answered with a fresh read of the whole set and
+// a new watch from that read's revision, so nothing missed survives.
 func (m *Members) run(rev int64) {
 	for {
 		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(m.ctx))
@@ -136,7 +136,6 @@ func (m *Members) run(rev int64) {
 				break
 			}
 			m.apply(resp.Events)
-			rev = resp.Header.Revision
 		}
 		cancel()
 		for {
