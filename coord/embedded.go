@@ -250,18 +250,22 @@ func (e *Embedded) NewClient(ctx context.Context, endpoints ...string) (*clientv
 }
 
 // Stop stops member i, as a crash would (its data stays for Restart).
+// With clients connected it can take a few seconds: etcd waits for open
+// streams up to its request timeout. Members can be stopped concurrently.
 func (e *Embedded) Stop(i int) error {
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	if i < 0 || i >= len(e.members) {
+		e.mu.Unlock()
 		return fmt.Errorf("coord: no embedded etcd member %d", i)
 	}
 	m := e.members[i]
-	if m.etcd == nil {
+	etcd := m.etcd
+	m.etcd = nil
+	e.mu.Unlock()
+	if etcd == nil {
 		return fmt.Errorf("coord: embedded etcd member %d is already stopped", i)
 	}
-	m.etcd.Close()
-	m.etcd = nil
+	etcd.Close()
 	return nil
 }
 

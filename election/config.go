@@ -1,0 +1,146 @@
+package election
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/batonhq/baton/coord"
+)
+
+// Pinger asks another server whether it is alive and which protocols it
+// speaks, as PowerJob's /friend/ping does. The server package supplies the
+// HTTP implementation.
+type Pinger interface {
+	// Ping returns the protocols the server at address (its HTTP
+	// Endpoint.Address) answers, or an error if it did not answer before
+	// ctx ended.
+	Ping(ctx context.Context, address string) (coord.Protocols, error)
+}
+
+// Callbacks are called per app, in order, never concurrently for the same
+// app; a slow callback of one app never delays another app's.
+//
+// OnAcquire runs when this server starts owning an app. ctx is cancelled
+// the instant the ownership ends, for any reason, before OnLose runs.
+// OnAcquire should return promptly and run the app's work under ctx in
+// goroutines of its own: the app's next callback waits for it to return.
+//
+// OnLose runs after the ownership ended, always after the matching
+// OnAcquire returned, once per OnAcquire, Close included.
+type Callbacks struct {
+	OnAcquire func(ctx context.Context, app int64, token int64)
+	OnLose    func(app int64, token int64, reason Reason)
+}
+
+// Clock is the time source of takeover waits and retry pauses; tests can
+// replace it. The guard itself always runs on the real monotonic clock.
+type Clock interface {
+	Now() time.Time
+	AfterFunc(d time.Duration, f func()) interface{ Stop() bool }
+}
+
+type realClock struct{}
+
+func (realClock) Now() time.Time { return time.Now() }
+func (realClock) AfterFunc(d time.Duration, f func()) interface{ Stop() bool } {
+	return time.AfterFunc(d, f)
+}
+
+// Config configures an Elector.
+type Config struct {
+	// ServerID names this server in owner records; it must be the id the
+	// server registered its membership under. Required.
+	ServerID string
+	// Protocols says where this server answers each protocol; HTTP is
+	// required. Workers are given ExternalAddress when it is set, else
+	// Address.
+	Protocols coord.Protocols
+	// PingTimeout bounds each ping of a foreign owner. Default 1 s.
+	PingTimeout time.Duration
+	// LockTimeout bounds waiting for an app's mutex in one attempt.
+	// Default 5 s.
+	LockTimeout time.Duration
+	// RetryTimes is how many attempts an election makes before
+	// ErrElectionFailed. Default 10.
+	RetryTimes int
+	// RetryBase is the first pause between attempts, doubled (with
+	// jitter) up to 1 s. Default 50 ms.
+	RetryBase time.Duration
+	// TakeoverConcurrency bounds how many successor takeovers run at once
+	// after owner keys disappear. Default 16.
+	TakeoverConcurrency int
+	// Pinger pings foreign owners before taking an app from them. Nil
+	// means no ping: an owner whose key exists (its lease is alive in
+	// etcd) is always taken as alive.
+	Pinger Pinger
+	// Callbacks are this server's ownership callbacks; both are optional.
+	Callbacks Callbacks
+	// Clock is the time source of takeover waits; nil means real time.
+	Clock Clock
+	// Logger receives the elector's logs; nil discards them.
+	Logger hclog.Logger
+	// Registerer, if set, receives the elector's Prometheus metrics.
+	Registerer prometheus.Registerer
+}
+
+// DefaultConfig returns a Config with every default filled in; set
+// ServerID and Protocols.
+func DefaultConfig() Config {
+	return Config{
+		PingTimeout:         time.Second,
+		LockTimeout:         5 * time.Second,
+		RetryTimes:          10,
+		RetryBase:           50 * time.Millisecond,
+		TakeoverConcurrency: 16,
+	}
+}
+
+func (c Config) withDefaults() (Config, error) {
+	d := DefaultConfig()
+	if c.PingTimeout == 0 {
+		c.PingTimeout = d.PingTimeout
+	}
+	if c.LockTimeout == 0 {
+		c.LockTimeout = d.LockTimeout
+	}
+	if c.RetryTimes == 0 {
+		c.RetryTimes = d.RetryTimes
+	}
+	if c.RetryBase == 0 {
+		c.RetryBase = d.RetryBase
+	}
+	if c.TakeoverConcurrency == 0 {
+		c.TakeoverConcurrency = d.TakeoverConcurrency
+	}
+	if c.Clock == nil {
+		c.Clock = realClock{}
+	}
+	if c.Logger == nil {
+		c.Logger = hclog.NewNullLogger()
+	}
+	if err := coord.ValidateName(c.ServerID); err != nil {
+		return c, fmt.Errorf("%w: ServerID (%q): %v", ErrInvalidConfig, c.ServerID, err)
+	}
+	if err := c.Protocols.Validate(); err != nil {
+		return c, fmt.Errorf("%w: Protocols: %v", ErrInvalidConfig, err)
+	}
+	for _, f := range []struct {
+		name string
+		v    time.Duration
+	}{{"PingTimeout", c.PingTimeout}, {"LockTimeout", c.LockTimeout}, {"RetryBase", c.RetryBase}} {
+		if f.v < 0 {
+			return c, fmt.Errorf("%w: %s (%v) must be positive", ErrInvalidConfig, f.name, f.v)
+		}
+	}
+	if c.RetryTimes < 0 {
+		return c, fmt.Errorf("%w: RetryTimes (%d) must be positive", ErrInvalidConfig, c.RetryTimes)
+	}
+	if c.TakeoverConcurrency < 0 {
+		return c, fmt.Errorf("%w: TakeoverConcurrency (%d) must be positive", ErrInvalidConfig, c.TakeoverConcurrency)
+	}
+	return c, nil
+}

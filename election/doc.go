@@ -1,0 +1,53 @@
+// Package election runs PowerJob's per-app server election on etcd, on
+// one server's coord.Session, with fencing, safe takeover and handover.
+//
+// # Ownership
+//
+// A server owns an app while {p}/current-server/{appId} holds its owner
+// record bound to its lease. The key is written once per ownership, in a
+// Txn guarded by the app's concurrency.Mutex and by the ModRevision read
+// under that lock; that ModRevision is the ownership's fencing token, and
+// Fence turns it into a comparison for the owner's own Txns. Tokens of an
+// app strictly increase, because every ownership change is a new write.
+//
+// Every server keeps a table of all owner keys from one watch of
+// {p}/current-server/ and reports that watch's progress to its session, so
+// that a confirmation of the session's guard also proves the server has
+// seen every write to its owner keys up to the confirming read. An
+// ownership is acting (its OnAcquire context alive) only while the
+// session's epoch is live: when the guard fires, every context is
+// cancelled before etcd could give the app to anyone else; when
+// confirmations resume and the key is unchanged, the same token is taken
+// back (a new OnAcquire) without an election and without any write that
+// workers would see.
+//
+// # Taking an app from another server
+//
+// Elect pings a foreign owner (Config.Pinger) before taking its app. If the
+// owner is alive in etcd but does not answer, Elect overwrites its key; the
+// old owner stops at the latest when its guard fires, which can be up to
+// its TTL after the overwrite (a round that started just before the
+// overwrite can still be extending its deadline). So the new owner's
+// OnAcquire comes only the old owner's TTL after the overwrite; workers are
+// sent to the new owner at once. A deleted key, by contrast, proves that
+// its owner has stopped — its lease expired after its guard fired, or it
+// resigned after cancelling its work — so the successor starts at once.
+//
+// # Successors and handover
+//
+// When an owner key is deleted, the live server that ranks first for the
+// app by rendezvous hashing (coord.Successor), not counting the server
+// that just left, elects itself at once — no worker has to ask. Resign and
+// HandOver end the ownership first and then delete the key; Close does
+// that for every owned app and waits for the successors.
+//
+// # Callbacks
+//
+// OnAcquire and OnLose run per app in order, never concurrently for one
+// app, each app's on a goroutine that exists only while it has callbacks
+// to run. OnLose always follows its OnAcquire, Close included.
+//
+// Never delete or write owner keys by hand: a server learns of a foreign
+// write only through its watch, so a hand-made deletion lets the successor
+// start before the old owner has stopped.
+package election

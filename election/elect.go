@@ -1,0 +1,310 @@
+package election
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/backoff"
+)
+
+// Elect returns the address of app's owner for protocol, electing this
+// server if the app has no live owner — PowerJob's getServer0, made safe.
+//
+//  1. An unregistered app gives ErrUnknownApp; a protocol this server
+//     does not speak gives ErrProtocol.
+//  2. If this server owns the app (its table, kept by its watch and
+//     guard), its own address, with no etcd request.
+//  3. Otherwise the owner key is read; a foreign owner is pinged, and if
+//     it answers and speaks the protocol its address is returned.
+//  4. Otherwise the app's mutex is locked, the key read again, and this
+//     server's owner record written in one Txn guarded by the mutex and
+//     the ModRevision read under the lock.
+//  5. Contention is retried RetryTimes times with jittered backoff, then
+//     ErrElectionFailed wraps the last cause.
+//
+// currentServer, the address the worker uses now, is accepted for
+// compatibility with PowerJob's request and logged, never trusted.
+// Concurrent calls for one app on one server share one election. Elect
+// fails with ErrNotReady while this server's guard is unconfirmed. It
+// blocks until it has an answer or ctx ends.
+func (e *Elector) Elect(ctx context.Context, app int64, protocol, currentServer string) (string, error) {
+	if _, ok := e.cfg.Protocols[protocol]; !ok {
+		return "", fmt.Errorf("%w: %q (this server speaks %v)", ErrProtocol, protocol, e.protocolNames())
+	}
+	if err := e.session.Check(); err != nil {
+		return "", fmt.Errorf("%w: %w", ErrNotReady, err)
+	}
+	e.mu.Lock()
+	closed, o := e.closed, e.mine[app]
+	e.mu.Unlock()
+	if closed {
+		return "", ErrClosed
+	}
+	if o != nil {
+		return workerAddress(e.cfg.Protocols, protocol), nil
+	}
+	if err := e.checkApp(ctx, app); err != nil {
+		return "", err
+	}
+	owner, err := e.ensureOwner(ctx, app)
+	if err != nil {
+		return "", err
+	}
+	addr := workerAddress(owner.protocols, protocol)
+	if addr == "" {
+		return "", fmt.Errorf("%w: app %d's owner %s does not speak %q", ErrProtocol, app, owner.serverID, protocol)
+	}
+	if currentServer != "" && currentServer != addr {
+		e.logger.Debug("worker is pointed elsewhere", "app_id", app, "current_server", currentServer, "owner", addr)
+	}
+	return addr, nil
+}
+
+// workerAddress is where a worker reaches a server for protocol: the
+// external address when one is set (NAT), else the address.
+func workerAddress(p coord.Protocols, protocol string) string {
+	ep, ok := p[protocol]
+	if !ok {
+		return ""
+	}
+	if ep.ExternalAddress != "" {
+		return ep.ExternalAddress
+	}
+	return ep.Address
+}
+
+func (e *Elector) protocolNames() []string {
+	names := make([]string, 0, len(e.cfg.Protocols))
+	for name := range e.cfg.Protocols {
+		names = append(names, name)
+	}
+	return names
+}
+
+// checkApp fails with ErrUnknownApp unless app is registered. Apps are
+// never deleted, so a positive answer is remembered.
+func (e *Elector) checkApp(ctx context.Context, app int64) error {
+	e.mu.Lock()
+	known := e.known[app]
+	e.mu.Unlock()
+	if known {
+		return nil
+	}
+	if _, err := e.registry.ByID(ctx, app); err != nil {
+		return err
+	}
+	e.mu.Lock()
+	e.known[app] = true
+	e.mu.Unlock()
+	return nil
+}
+
+// owner is the answer of an election: who owns the app and where it
+// answers.
+type owner struct {
+	serverID  string
+	protocols coord.Protocols
+}
+
+// flight is one election in progress; concurrent callers for the same app
+// wait for it instead of running their own.
+type flight struct {
+	done  chan struct{}
+	owner owner
+	err   error
+}
+
+// ensureOwner returns app's live owner, electing this server if there is
+// none, coalescing concurrent calls for the same app.
+func (e *Elector) ensureOwner(ctx context.Context, app int64) (owner, error) {
+	for {
+		e.mu.Lock()
+		f := e.flights[app]
+		if f == nil {
+			f = &flight{done: make(chan struct{})}
+			e.flights[app] = f
+			e.mu.Unlock()
+			f.owner, f.err = e.elect(ctx, app)
+			e.mu.Lock()
+			delete(e.flights, app)
+			e.mu.Unlock()
+			close(f.done)
+			return f.owner, f.err
+		}
+		e.mu.Unlock()
+		select {
+		case <-f.done:
+		case <-ctx.Done():
+			return owner{}, ctx.Err()
+		}
+		// The leader's ctx may have ended without ours: run our own.
+		if f.err != nil && (errors.Is(f.err, context.Canceled) || errors.Is(f.err, context.DeadlineExceeded)) && ctx.Err() == nil {
+			continue
+		}
+		return f.owner, f.err
+	}
+}
+
+// elect runs the election proper, with retries.
+func (e *Elector) elect(ctx context.Context, app int64) (owner, error) {
+	down := map[string]bool{} // servers that did not answer a ping in this election
+	var last error
+	for attempt := 0; attempt < e.cfg.RetryTimes; attempt++ {
+		if attempt > 0 {
+			if err := sleep(ctx, backoff.Jittered(attempt-1, e.cfg.RetryBase, time.Second)); err != nil {
+				return owner{}, err
+			}
+		}
+		o, done, err := e.attempt(ctx, app, down)
+		if done {
+			if err == nil {
+				if o.serverID == e.cfg.ServerID {
+					e.metrics.election("won")
+				} else {
+					e.metrics.election("other_owner")
+				}
+			}
+			return o, err
+		}
+		last = err
+		e.logger.Debug("election attempt failed", "app_id", app, "attempt", attempt+1, "error", err)
+		if ctx.Err() != nil {
+			return owner{}, ctx.Err()
+		}
+	}
+	e.metrics.election("failed")
+	return owner{}, fmt.Errorf("%w: app %d after %d attempts: %w", ErrElectionFailed, app, e.cfg.RetryTimes, last)
+}
+
+// attempt makes one election attempt. done says whether its result is
+// final; otherwise err is a contention or transient failure to retry.
+func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool) (o owner, done bool, err error) {
+	if err := e.session.Check(); err != nil {
+		return owner{}, true, fmt.Errorf("%w: %w", ErrNotReady, err)
+	}
+	key := e.keys.Owner(app)
+	resp, err := e.cli.Get(ctx, key)
+	if err != nil {
+		return owner{}, false, fmt.Errorf("read owner key: %w", err)
+	}
+	var readRev int64
+	if len(resp.Kvs) > 0 {
+		kv := resp.Kvs[0]
+		readRev = kv.ModRevision
+		if o, alive := e.liveOwner(ctx, app, kv.Value, clientv3.LeaseID(kv.Lease), down); alive {
+			if o.serverID == e.cfg.ServerID {
+				// Written by this process; make sure the table knows
+				// (a no-op when it does, or while resigning).
+				e.mu.Lock()
+				e.own(app, kv.ModRevision, clientv3.LeaseID(kv.Lease), 0)
+				e.mu.Unlock()
+			}
+			return o, true, nil
+		}
+	}
+	if o, ok := e.handingOver(app); ok {
+		return o, true, nil
+	}
+
+	lease := e.session.Lease()
+	lctx, cancel := context.WithTimeout(ctx, e.cfg.LockTimeout)
+	defer cancel()
+	mx, err := e.mutexes.lock(lctx, lease, e.keys.Lock(app))
+	if err != nil {
+		return owner{}, false, err
+	}
+	defer func() {
+		if uerr := e.mutexes.unlock(mx); uerr != nil {
+			e.logger.Warn("releasing an app mutex failed; its lease will release it", "app_id", app, "error", uerr)
+		}
+	}()
+
+	// Under the lock: has anyone elected meanwhile?
+	resp, err = e.cli.Get(ctx, key)
+	if err != nil {
+		return owner{}, false, fmt.Errorf("read owner key under lock: %w", err)
+	}
+	var prevTTL time.Duration
+	if len(resp.Kvs) > 0 {
+		kv := resp.Kvs[0]
+		if kv.ModRevision != readRev {
+			return owner{}, false, errors.New("owner key changed while waiting for the lock")
+		}
+		prev, _ := coord.DecodeOwnerRecord(kv.Value)
+		prevTTL = prev.TTL()
+		if prevTTL <= 0 {
+			// A corrupt record tells no TTL: wait the longest a lease can
+			// have been granted for, our own TTL being the best guess.
+			prevTTL = e.session.TTL()
+		}
+	} else if readRev != 0 {
+		readRev = 0 // deleted meanwhile (expired or resigned): nothing to wait for
+	}
+	if err := e.session.Check(); err != nil {
+		return owner{}, true, fmt.Errorf("%w: %w", ErrNotReady, err)
+	}
+	rec := coord.OwnerRecord{
+		ServerID:   e.cfg.ServerID,
+		Protocols:  e.cfg.Protocols,
+		TTLMillis:  e.session.TTL().Milliseconds(),
+		AcquiredAt: time.Now().UTC(),
+	}
+	val, err := rec.Encode()
+	if err != nil {
+		return owner{}, true, err
+	}
+	txn, err := e.cli.Txn(ctx).If(
+		mx.IsOwner(),
+		clientv3.Compare(clientv3.ModRevision(key), "=", readRev),
+	).Then(
+		clientv3.OpPut(key, string(val), clientv3.WithLease(lease)),
+	).Commit()
+	if err != nil {
+		return owner{}, false, fmt.Errorf("write owner key: %w", err)
+	}
+	if !txn.Succeeded {
+		return owner{}, false, errors.New("lost the mutex or the owner key changed before the write")
+	}
+	e.mu.Lock()
+	e.own(app, txn.Header.Revision, lease, prevTTL)
+	e.mu.Unlock()
+	e.logger.Debug("elected", "app_id", app, "token", txn.Header.Revision, "overwrote", readRev != 0)
+	return owner{serverID: e.cfg.ServerID, protocols: e.cfg.Protocols}, true, nil
+}
+
+// liveOwner decides whether the owner recorded in val is alive: this
+// server under its current lease always is; another server is if it
+// answers a ping (or, with no Pinger, if its key exists at all).
+func (e *Elector) liveOwner(ctx context.Context, app int64, val []byte, lease clientv3.LeaseID, down map[string]bool) (owner, bool) {
+	rec, err := coord.DecodeOwnerRecord(val)
+	if err != nil {
+		e.logger.Warn("owner key holds a corrupt record; electing over it", "app_id", app, "error", err)
+		return owner{}, false
+	}
+	if rec.ServerID == e.cfg.ServerID {
+		// Ours, under the current lease: written by this process (the
+		// table may not show it yet). Under an older lease it cannot
+		// exist: that lease's keys went with it.
+		return owner{serverID: rec.ServerID, protocols: e.cfg.Protocols}, lease == e.session.Lease()
+	}
+	if e.cfg.Pinger == nil {
+		return owner{serverID: rec.ServerID, protocols: rec.Protocols}, true
+	}
+	if down[rec.ServerID] {
+		return owner{}, false
+	}
+	pctx, cancel := context.WithTimeout(ctx, e.cfg.PingTimeout)
+	defer cancel()
+	protocols, err := e.cfg.Pinger.Ping(pctx, rec.Protocols[coord.ProtocolHTTP].Address)
+	if err != nil {
+		e.logger.Info("owner did not answer a ping", "app_id", app, "owner", rec.ServerID, "error", err)
+		down[rec.ServerID] = true
+		return owner{}, false
+	}
+	return owner{serverID: rec.ServerID, protocols: protocols}, true
+}

@@ -1,0 +1,106 @@
+package election_test
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/election"
+)
+
+func TestConcurrentElectionsGiveOneOwnerPerApp(t *testing.T) {
+	c := newCluster(t, 1, 2*time.Second)
+	for _, id := range []string{"s1", "s2", "s3"} {
+		c.addNode(id)
+	}
+	apps := c.registerN(t, 200)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	answers := make(map[int64]map[string]int)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, app := range apps {
+		for i := 0; i < 20; i++ {
+			n := c.nodes[i%len(c.nodes)]
+			wg.Go(func() {
+				addr, err := n.el.Elect(ctx, app, coord.ProtocolHTTP, "")
+				if err != nil {
+					t.Errorf("elect app %d on %s: %v", app, n.id, err)
+					return
+				}
+				mu.Lock()
+				defer mu.Unlock()
+				if answers[app] == nil {
+					answers[app] = map[string]int{}
+				}
+				answers[app][addr]++
+			})
+		}
+	}
+	wg.Wait()
+
+	for _, app := range apps {
+		if len(answers[app]) != 1 {
+			t.Errorf("app %d: callers got different addresses: %v", app, answers[app])
+		}
+		owner, token := c.ownerOf(t, app)
+		for addr := range answers[app] {
+			if addr != owner+":7700" {
+				t.Errorf("app %d: callers told %s, owner key names %s", app, addr, owner)
+			}
+		}
+		if tok, ok := c.node(owner).el.Token(app); !ok || tok != token {
+			t.Errorf("app %d: owner %s has token %d (%v), key has %d", app, owner, tok, ok, token)
+		}
+	}
+	if !c.rec.wait(5*time.Second, func([]event) bool { return len(c.rec.owners()) == len(apps) }) {
+		t.Fatalf("%d apps have an acquired owner, want %d", len(c.rec.owners()), len(apps))
+	}
+	for app, servers := range c.rec.owners() {
+		if len(servers) != 1 {
+			t.Errorf("app %d acquired by %v", app, servers)
+		}
+	}
+	// Apps spread over the servers (each server elected itself for the
+	// apps it was asked about first).
+	perServer := map[string]int{}
+	for _, servers := range c.rec.owners() {
+		perServer[servers[0]]++
+	}
+	t.Logf("apps per server: %v", perServer)
+
+	// Move every app once (resign; the successor takes it): tokens must
+	// strictly increase across the change.
+	for _, app := range apps[:50] {
+		owner, _ := c.ownerOf(t, app)
+		if _, err := c.node(owner).el.HandOver(ctx, app); err != nil {
+			t.Fatalf("hand over app %d: %v", app, err)
+		}
+	}
+	for _, p := range c.rec.check() {
+		t.Error(p)
+	}
+}
+
+func TestElectRejectsBadRequests(t *testing.T) {
+	c := newCluster(t, 1, time.Second)
+	n := c.addNode("s1")
+	app := c.register(t, "known")[0]
+	ctx := context.Background()
+	if _, err := n.el.Elect(ctx, app+100, coord.ProtocolHTTP, ""); !errors.Is(err, election.ErrUnknownApp) {
+		t.Errorf("unknown app: %v", err)
+	}
+	if _, err := n.el.Elect(ctx, -1, coord.ProtocolHTTP, ""); !errors.Is(err, election.ErrUnknownApp) {
+		t.Errorf("negative app: %v", err)
+	}
+	if _, err := n.el.Elect(ctx, app, "CARRIER-PIGEON", ""); !errors.Is(err, election.ErrProtocol) {
+		t.Errorf("unknown protocol: %v", err)
+	}
+	if owner, _ := c.ownerOf(t, app); owner != "" {
+		t.Errorf("bad requests elected %s", owner)
+	}
+}

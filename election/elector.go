@@ -1,0 +1,373 @@
+package election
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/batonhq/baton/coord"
+)
+
+// Elector runs the per-app election of one server on its coord.Session.
+// It keeps a table of every app's owner key from one watch of
+// {p}/current-server/, reports that watch's progress to the session's
+// guard, runs this server's ownership callbacks, and takes over the apps
+// it is successor of when their owner keys disappear. It is safe for
+// concurrent use. Close hands everything over and stops it; the session
+// stays the caller's.
+type Elector struct {
+	cfg      Config
+	session  *coord.Session
+	cli      *clientv3.Client
+	keys     coord.Keys
+	members  *coord.Members
+	registry *coord.Registry
+	mutexes  *mutexes
+	logger   hclog.Logger
+	metrics  *metrics
+
+	ctx      context.Context // ends at Close
+	cancel   context.CancelFunc
+	watchCtx context.Context // the owner watch's context; RequestProgress needs it
+	loops    sync.WaitGroup  // watch, epoch and takeover loops
+	calls    sync.WaitGroup  // callback runners
+
+	mu        sync.Mutex
+	table     map[int64]ownerKey   // every app's owner key, as the watch shows it
+	changed   chan struct{}        // closed and replaced when the table changes
+	mine      map[int64]*ownership // this server's ownerships, pending or active
+	resigning map[int64]time.Time  // apps this server gave up, until a new owner shows or the time passes
+	flights   map[int64]*flight    // elections in progress, one per app
+	queues    map[int64]*callbackQueue
+	known     map[int64]bool // app ids seen in the registry
+	takeover  takeoverQueue
+	draining  bool
+	closed    bool
+}
+
+// ownerKey is one app's owner key as last seen.
+type ownerKey struct {
+	rec    coord.OwnerRecord // zero ServerID when the value was corrupt
+	modRev int64
+	lease  clientv3.LeaseID
+}
+
+// New starts an elector for the server whose session is given: it reads
+// every owner key and starts the owner watch, attaches that watch to the
+// session's guard, and starts following membership. It fails if etcd does
+// not answer before ctx ends.
+func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	m, err := newMetrics(cfg.Registerer, cfg.ServerID)
+	if err != nil {
+		return nil, err
+	}
+	e := &Elector{
+		cfg:       cfg,
+		session:   session,
+		cli:       session.Client(),
+		keys:      session.Keys(),
+		registry:  coord.NewRegistry(session.Client(), session.Keys()),
+		logger:    cfg.Logger.Named("election").With("server_id", cfg.ServerID),
+		metrics:   m,
+		table:     map[int64]ownerKey{},
+		changed:   make(chan struct{}),
+		mine:      map[int64]*ownership{},
+		resigning: map[int64]time.Time{},
+		flights:   map[int64]*flight{},
+		queues:    map[int64]*callbackQueue{},
+		known:     map[int64]bool{},
+	}
+	e.mutexes = newMutexes(e.cli)
+	e.takeover.init()
+	e.members, err = coord.WatchMembers(ctx, e.cli, e.keys, cfg.Logger)
+	if err != nil {
+		return nil, err
+	}
+	e.ctx, e.cancel = context.WithCancel(context.Background())
+	e.watchCtx = clientv3.WithRequireLeader(e.ctx)
+	rev, err := e.reload(ctx)
+	if err != nil {
+		e.cancel()
+		e.members.Close()
+		return nil, err
+	}
+	e.session.AttachWatch(func(ctx context.Context) error { return e.cli.RequestProgress(e.watchCtx) })
+	e.loops.Go(func() { e.watchLoop(rev) })
+	e.loops.Go(e.epochLoop)
+	e.loops.Go(e.membersLoop)
+	for range cfg.TakeoverConcurrency {
+		e.loops.Go(e.takeoverLoop)
+	}
+	return e, nil
+}
+
+// Members returns the live-server set the elector follows.
+func (e *Elector) Members() *coord.Members { return e.members }
+
+// Session returns the session the elector runs on.
+func (e *Elector) Session() *coord.Session { return e.session }
+
+// ServerID returns this server's id.
+func (e *Elector) ServerID() string { return e.cfg.ServerID }
+
+// watchLoop follows the owner watch. A failed or closed watch (compaction,
+// leader loss) is answered with a full re-read and a new watch. After each
+// response is applied, the session is told how far the watch has got:
+// that is step 2 of the guard, and it is only sound because every event is
+// applied — depositions included — before the report.
+func (e *Elector) watchLoop(rev int64) {
+	for {
+		opts := []clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithRev(rev + 1), clientv3.WithPrevKV()}
+		for resp := range e.cli.Watch(e.watchCtx, e.keys.OwnerPrefix(), opts...) {
+			if err := resp.Err(); err != nil {
+				e.logger.Debug("owner watch broke, reading again", "error", err)
+				break
+			}
+			e.observe(resp.Events)
+			rev = resp.Header.Revision
+			e.session.WatchCaughtUp(rev)
+		}
+		for {
+			if e.ctx.Err() != nil {
+				return
+			}
+			ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
+			r, err := e.reload(ctx)
+			cancel()
+			if err == nil {
+				rev = r
+				break
+			}
+			e.logger.Debug("reading owner keys failed, retrying", "error", err)
+			if sleep(e.ctx, 200*time.Millisecond) != nil {
+				return
+			}
+		}
+	}
+}
+
+// reload replaces the table with a fresh read and reconciles: ownerships
+// whose key changed are lost, keys that vanished are treated as
+// deletions (successor takeover).
+func (e *Elector) reload(ctx context.Context) (int64, error) {
+	resp, err := e.cli.Get(ctx, e.keys.OwnerPrefix(), clientv3.WithPrefix())
+	if err != nil {
+		return 0, fmt.Errorf("election: read owner keys: %w", err)
+	}
+	fresh := make(map[int64]ownerKey, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		app, err := e.keys.AppIDFromOwnerKey(string(kv.Key))
+		if err != nil {
+			continue
+		}
+		fresh[app] = e.decodeOwner(app, kv.Value, kv.ModRevision, kv.Lease)
+	}
+	e.mu.Lock()
+	for app, old := range e.table {
+		if _, ok := fresh[app]; !ok {
+			e.deleted(app, old.rec.ServerID)
+		}
+	}
+	for app, k := range fresh {
+		if old, ok := e.table[app]; !ok || old.modRev != k.modRev {
+			e.put(app, k, 0)
+		}
+	}
+	e.tableChangedLocked()
+	e.mu.Unlock()
+	e.session.WatchCaughtUp(resp.Header.Revision)
+	return resp.Header.Revision, nil
+}
+
+func (e *Elector) decodeOwner(app int64, val []byte, modRev, lease int64) ownerKey {
+	rec, err := coord.DecodeOwnerRecord(val)
+	if err != nil {
+		e.logger.Warn("owner key holds a corrupt record; treating its owner as unknown", "app_id", app, "error", err)
+		rec = coord.OwnerRecord{}
+	}
+	return ownerKey{rec: rec, modRev: modRev, lease: clientv3.LeaseID(lease)}
+}
+
+// observe applies watch events to the table and to this server's
+// ownerships.
+func (e *Elector) observe(events []*clientv3.Event) {
+	if len(events) == 0 {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, ev := range events {
+		app, err := e.keys.AppIDFromOwnerKey(string(ev.Kv.Key))
+		if err != nil {
+			continue // not an owner key (bad input under the prefix)
+		}
+		switch ev.Type {
+		case clientv3.EventTypePut:
+			var wait time.Duration
+			if ev.PrevKv != nil {
+				// An overwrite of a live key: the previous owner may act
+				// until its guard fires, at most its TTL from now.
+				wait = e.decodeOwner(app, ev.PrevKv.Value, 0, 0).rec.TTL()
+			}
+			e.put(app, e.decodeOwner(app, ev.Kv.Value, ev.Kv.ModRevision, ev.Kv.Lease), wait)
+		case clientv3.EventTypeDelete:
+			prev := ""
+			if ev.PrevKv != nil {
+				prev = e.decodeOwner(app, ev.PrevKv.Value, 0, 0).rec.ServerID
+			} else if old, ok := e.table[app]; ok {
+				prev = old.rec.ServerID
+			}
+			e.deleted(app, prev)
+		}
+	}
+	e.tableChangedLocked()
+}
+
+// put records a new owner key value. Called with e.mu held.
+func (e *Elector) put(app int64, k ownerKey, wait time.Duration) {
+	e.table[app] = k
+	delete(e.takeover.orphans, app)
+	if e.isMine(k) {
+		e.own(app, k.modRev, k.lease, wait)
+		return
+	}
+	delete(e.resigning, app) // someone else has it now
+	if o := e.mine[app]; o != nil {
+		e.metrics.deposed()
+		e.lose(o, ReasonDeposed)
+	}
+}
+
+// deleted records that app's owner key is gone; prevOwner is who held it.
+// Called with e.mu held.
+func (e *Elector) deleted(app int64, prevOwner string) {
+	delete(e.table, app)
+	if o := e.mine[app]; o != nil {
+		reason := ReasonDeposed
+		if errors.Is(e.session.Epoch().Err(), coord.ErrLeaseLost) {
+			reason = ReasonLeaseLost
+		}
+		e.lose(o, reason)
+	}
+	e.considerTakeover(app, prevOwner)
+}
+
+// isMine reports whether an owner key names this server under its
+// current lease. Called with e.mu held.
+func (e *Elector) isMine(k ownerKey) bool {
+	return k.rec.ServerID == e.cfg.ServerID && k.lease == e.session.Lease()
+}
+
+func (e *Elector) tableChangedLocked() {
+	close(e.changed)
+	e.changed = make(chan struct{})
+}
+
+// epochLoop ends every active ownership the moment the session's epoch
+// ends, and when a new epoch starts takes back, with the same token, the
+// apps whose keys are unchanged.
+func (e *Elector) epochLoop() {
+	ep := e.session.Epoch()
+	for {
+		select {
+		case <-ep.Done():
+		case <-e.ctx.Done():
+			return
+		}
+		e.mu.Lock()
+		switch {
+		case errors.Is(ep.Err(), coord.ErrLeaseLost):
+			for _, o := range e.mine {
+				e.lose(o, ReasonLeaseLost)
+			}
+		case errors.Is(ep.Err(), coord.ErrSessionClosed):
+			for _, o := range e.mine {
+				e.lose(o, ReasonClosed)
+			}
+		default:
+			for _, o := range e.mine {
+				e.suspend(o)
+			}
+		}
+		e.mu.Unlock()
+		next, err := e.session.NextEpoch(e.ctx, ep)
+		if err != nil {
+			return
+		}
+		ep = next
+		e.reclaim()
+	}
+}
+
+// reclaim runs at the start of an epoch: every key that still names this
+// server under the current lease is owned again. The table is current up
+// to the confirming round's revision, so an unchanged key means nobody
+// else owned the app meanwhile.
+func (e *Elector) reclaim() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for app, o := range e.mine {
+		if k, ok := e.table[app]; !ok || k.modRev != o.token || !e.isMine(k) {
+			e.lose(o, ReasonDeposed)
+		}
+	}
+	for app, k := range e.table {
+		if e.isMine(k) {
+			e.own(app, k.modRev, k.lease, 0)
+		}
+	}
+	for _, o := range e.mine {
+		e.tryActivate(o)
+	}
+}
+
+// Close hands every owned app to its successor and waits (until ctx ends)
+// for the successors to own them, then ends every remaining ownership
+// (OnLose with ReasonClosed), waits for all callbacks to return and stops
+// every goroutine. The session is left open: close it afterwards to
+// revoke the lease. Close is idempotent.
+func (e *Elector) Close(ctx context.Context) error {
+	e.mu.Lock()
+	if e.closed || e.draining {
+		e.mu.Unlock()
+		return nil
+	}
+	e.draining = true
+	e.mu.Unlock()
+
+	err := e.handOverAll(ctx)
+
+	e.cancel()
+	e.loops.Wait()
+	e.session.DetachWatch()
+	e.mu.Lock()
+	e.closed = true
+	for _, o := range e.mine {
+		e.lose(o, ReasonClosed)
+	}
+	e.mu.Unlock()
+	e.calls.Wait()
+	e.members.Close()
+	return err
+}
+
+// sleep waits for d or until ctx ends.
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

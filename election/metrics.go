@@ -1,0 +1,79 @@
+package election
+
+import (
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the elector's Prometheus metrics; a nil *metrics records
+// nothing, so call sites need no checks.
+type metrics struct {
+	elections   *prometheus.CounterVec
+	takeovers   prometheus.Counter
+	depositions prometheus.Counter
+	owned       prometheus.Gauge
+	ownerGap    prometheus.Histogram
+}
+
+func newMetrics(reg prometheus.Registerer, serverID string) (*metrics, error) {
+	if reg == nil {
+		return nil, nil
+	}
+	labels := prometheus.Labels{"server_id": serverID}
+	m := &metrics{
+		elections: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "baton", Subsystem: "election", Name: "elections_total",
+			Help: "Elections run by this server (not fast-path answers), by outcome: won, other_owner, failed.", ConstLabels: labels,
+		}, []string{"outcome"}),
+		takeovers: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "baton", Subsystem: "election", Name: "takeovers_total",
+			Help: "Apps this server took over as successor after their owner key disappeared.", ConstLabels: labels,
+		}),
+		depositions: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "baton", Subsystem: "election", Name: "depositions_total",
+			Help: "Ownerships of this server ended because another server wrote the owner key.", ConstLabels: labels,
+		}),
+		owned: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "baton", Subsystem: "election", Name: "owned_apps",
+			Help: "Apps this server owns and acts for right now.", ConstLabels: labels,
+		}),
+		ownerGap: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: "baton", Subsystem: "election", Name: "owner_gap_seconds",
+			Help:        "Time from seeing an owner key deleted to owning the app as its successor.",
+			ConstLabels: labels,
+			Buckets:     prometheus.ExponentialBuckets(0.001, 2, 14),
+		}),
+	}
+	for _, c := range []prometheus.Collector{m.elections, m.takeovers, m.depositions, m.owned, m.ownerGap} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("election: register metrics: %w", err)
+		}
+	}
+	return m, nil
+}
+
+func (m *metrics) election(outcome string) {
+	if m != nil {
+		m.elections.WithLabelValues(outcome).Inc()
+	}
+}
+
+func (m *metrics) takeover(gapSeconds float64) {
+	if m != nil {
+		m.takeovers.Inc()
+		m.ownerGap.Observe(gapSeconds)
+	}
+}
+
+func (m *metrics) deposed() {
+	if m != nil {
+		m.depositions.Inc()
+	}
+}
+
+func (m *metrics) setOwned(n int) {
+	if m != nil {
+		m.owned.Set(float64(n))
+	}
+}
