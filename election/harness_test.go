@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"go.etcd.io/etcd/pkg/v3/proxy"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/pkg/v3/proxy"
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/election"

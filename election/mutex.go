@@ -66,4 +66,3 @@ func (m *mutexes) unlock(mx *concurrency.Mutex) error {
 	_, err := m.cli.Txn(ctx).If(mx.IsOwner()).Then(clientv3.OpDelete(mx.Key())).Commit()
 	return err
 }
-

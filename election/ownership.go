@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -25,6 +26,7 @@ type ownership struct {
 	active bool
 	ctx    context.Context
 	cancel context.CancelFunc
+	stamp  *endStamp // when ctx was cancelled
 	epoch  *coord.Epoch
 	since  time.Time
 	ended  bool
@@ -73,9 +75,11 @@ func (e *Elector) tryActivate(o *ownership) {
 	if ep.Check() != nil || ep.Lease() != o.lease {
 		return // reclaim at the next epoch
 	}
-	o.ctx, o.cancel = context.WithCancel(e.ctx)
+	o.stamp = &endStamp{}
+	ctx, cancel := context.WithCancel(context.WithValue(e.ctx, endStampKey{}, o.stamp))
+	o.ctx, o.cancel = ctx, cancel
 	o.epoch, o.active, o.since = ep, true, time.Now()
-	ctx, app, token := o.ctx, o.app, o.token
+	app, token := o.app, o.token
 	e.logger.Debug("acquired", "app_id", app, "token", token)
 	e.enqueue(app, func() {
 		if e.cfg.Callbacks.OnAcquire != nil {
@@ -116,6 +120,7 @@ func (e *Elector) lose(o *ownership, reason Reason) {
 // behind the app's earlier callbacks. Called with e.mu held.
 func (e *Elector) deactivate(o *ownership, reason Reason) {
 	o.active = false
+	o.stamp.at.Store(int64(time.Since(processStart)) + 1)
 	o.cancel()
 	app, token := o.app, o.token
 	e.logger.Debug("lost", "app_id", app, "token", token, "reason", reason)
@@ -264,3 +269,26 @@ func (e *Elector) Healthy() error {
 	return nil
 }
 
+// endStamp holds the instant an ownership's context was cancelled.
+type endStamp struct{ at atomic.Int64 }
+
+type endStampKey struct{}
+
+// EndedAt reports when the ownership whose OnAcquire context is ctx ended:
+// the instant taken immediately before ctx was cancelled, with Go's
+// monotonic reading, so it compares exactly with time.Now() values of
+// this process. ok is false while ctx is live or
+// if ctx is not an ownership context. Ownership checkers use it to stamp
+// the end of an interval exactly, instead of when a goroutine waiting on
+// ctx.Done happened to be scheduled.
+func EndedAt(ctx context.Context) (at time.Time, ok bool) {
+	s, _ := ctx.Value(endStampKey{}).(*endStamp)
+	if s == nil || ctx.Err() == nil {
+		return time.Time{}, false
+	}
+	n := s.at.Load()
+	return processStart.Add(time.Duration(n - 1)), n != 0
+}
+
+// processStart anchors end stamps on the monotonic clock.
+var processStart = time.Now()

@@ -55,7 +55,14 @@ func (r *recorder) callbacks(server string) election.Callbacks {
 			r.mu.Unlock()
 			r.wg.Go(func() {
 				<-ctx.Done()
-				r.add(event{server: server, app: app, token: token, kind: "cancel", at: time.Now()})
+				at, ok := election.EndedAt(ctx)
+				if !ok {
+					r.mu.Lock()
+					r.problems = append(r.problems, fmt.Sprintf("%s: ownership %d ended without an end stamp", k, token))
+					r.mu.Unlock()
+					at = time.Now()
+				}
+				r.add(event{server: server, app: app, token: token, kind: "cancel", at: at})
 			})
 		},
 		OnLose: func(app, token int64, reason election.Reason) {
@@ -180,7 +187,9 @@ func (r *recorder) check() []string {
 					bEnd = time.Now()
 				}
 				if a.start.Before(bEnd) && b.start.Before(aEnd) {
-					problems = append(problems, fmt.Sprintf("app %d: %s (token %d) and %s (token %d) overlap", app, a.server, a.token, b.server, b.token))
+					problems = append(problems, fmt.Sprintf("app %d: %s (token %d, %v–%v) and %s (token %d, %v–%v) overlap",
+						app, a.server, a.token, a.start.Format("15:04:05.000000"), aEnd.Format("15:04:05.000000"),
+						b.server, b.token, b.start.Format("15:04:05.000000"), bEnd.Format("15:04:05.000000")))
 				}
 			}
 		}
