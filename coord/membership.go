@@ -70,7 +70,7 @@ type Members struct {
 
 	mu      sync.RWMutex
 	servers map[string]ServerRecord
-	changes chan struct{}
+	changed chan struct{} // closed and replaced at every change
 }
 
 // WatchMembers reads the live servers and keeps watching them until Close.
@@ -79,7 +79,7 @@ func WatchMembers(ctx context.Context, cli *clientv3.Client, keys Keys, logger h
 	if logger == nil {
 		logger = hclog.NewNullLogger()
 	}
-	m := &Members{cli: cli, keys: keys, logger: logger.Named("members"), changes: make(chan struct{}, 1)}
+	m := &Members{cli: cli, keys: keys, logger: logger.Named("members"), changed: make(chan struct{})}
 	rev, err := m.load(ctx)
 	if err != nil {
 		return nil, err
@@ -179,17 +179,20 @@ func (m *Members) apply(events []*clientv3.Event) {
 }
 
 func (m *Members) notify() {
-	select {
-	case m.changes <- struct{}{}:
-	default:
-	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	close(m.changed)
+	m.changed = make(chan struct{})
 }
 
-// Changes returns a channel that receives a value after the set changed.
-// It keeps only the latest notice (capacity 1, sends never block), so a
-// slow reader sees one notice for many changes; read the set again after
-// each. Members never closes it.
-func (m *Members) Changes() <-chan struct{} { return m.changes }
+// Changed returns a channel that is closed at the next change of the set;
+// any number of goroutines may wait on it. Take the channel before reading
+// the set, so that no change can slip between the read and the wait.
+func (m *Members) Changed() <-chan struct{} {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.changed
+}
 
 // Servers returns the live servers ordered by id.
 func (m *Members) Servers() []ServerRecord {

@@ -344,6 +344,9 @@ func (e *Elector) Close(ctx context.Context) error {
 	e.draining = true
 	e.mu.Unlock()
 
+	// Stop being anyone's successor first, so that servers draining at
+	// the same time do not hand their apps to each other.
+	e.leaveMembership(ctx)
 	err := e.handOverAll(ctx)
 
 	e.cancel()
@@ -358,6 +361,37 @@ func (e *Elector) Close(ctx context.Context) error {
 	e.calls.Wait()
 	e.members.Close()
 	return err
+}
+
+// leaveMembership deletes this server's membership key if it is bound to
+// the current lease. Failure only means the key lives until the lease is
+// revoked.
+func (e *Elector) leaveMembership(ctx context.Context) {
+	key, err := e.keys.Server(e.cfg.ServerID)
+	if err != nil {
+		return
+	}
+	lease := e.session.Lease()
+	_, err = e.cli.Txn(ctx).If(
+		clientv3.Compare(clientv3.LeaseValue(key), "=", lease),
+	).Then(clientv3.OpDelete(key)).Commit()
+	if err != nil {
+		e.logger.Warn("could not leave membership before draining", "error", err)
+		return
+	}
+	// Wait until our own view no longer lists us, so that successor
+	// choices below exclude this server too.
+	for {
+		changed := e.members.Changed()
+		if _, listed := e.members.Get(e.cfg.ServerID); !listed {
+			return
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return
+		}
+	}
 }
 
 // sleep waits for d or until ctx ends.

@@ -3,6 +3,7 @@ package election_test
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -79,6 +80,12 @@ type nodeOption func(*nodeOpts)
 type nodeOpts struct {
 	viaProxy bool
 	cfg      func(*election.Config)
+	client   func(endpoints []string) *clientv3.Client
+}
+
+// withClient gives the node a client of the test's making.
+func withClient(f func(endpoints []string) *clientv3.Client) nodeOption {
+	return func(o *nodeOpts) { o.client = f }
 }
 
 func viaProxy() nodeOption { return func(o *nodeOpts) { o.viaProxy = true } }
@@ -101,7 +108,11 @@ func (c *cluster) addNode(id string, opts ...nodeOption) *node {
 		n.proxy, url = testutil.Proxy(t, c.etcd.Endpoint(0))
 		endpoints = []string{url}
 	}
-	n.cli = testutil.Client(t, c.etcd, endpoints...)
+	if o.client != nil {
+		n.cli = o.client(endpoints)
+	} else {
+		n.cli = testutil.Client(t, c.etcd, endpoints...)
+	}
 	protos := coord.Protocols{coord.ProtocolHTTP: {Address: n.addr}}
 	c.pinger.mu.Lock()
 	c.pinger.nodes[n.addr] = protos
@@ -209,3 +220,5 @@ func (c *cluster) node(id string) *node {
 	}
 	return nil
 }
+
+func contains(s, sub string) bool { return strings.Contains(s, sub) }

@@ -110,12 +110,14 @@ func (e *Elector) takeoverLoop() {
 // changes: a successor that died before taking its apps over is replaced
 // by the next one.
 func (e *Elector) membersLoop() {
+	changed := e.members.Changed()
 	for {
 		select {
-		case <-e.members.Changes():
+		case <-changed:
 		case <-e.ctx.Done():
 			return
 		}
+		changed = e.members.Changed() // before reading: no change slips by
 		e.mu.Lock()
 		for app, prev := range e.takeover.orphans {
 			e.considerTakeover(app, prev)
