@@ -30,7 +30,9 @@ type SessionConfig struct {
 	Margin time.Duration
 	// RoundInterval is the time between the starts of two confirmation
 	// rounds. Default TTL/3. Must leave room for a round before the guard
-	// fires: RoundInterval < TTL - Margin.
+	// fires: RoundInterval < TTL - Margin. A slow round delays the next
+	// one; a round is abandoned once it could no longer extend the
+	// deadline (TTL - Margin after it started), and retried at once.
 	RoundInterval time.Duration
 	// OnLease, if set, is called with every lease the session obtains,
 	// the first one included, before any epoch of that lease starts: the
@@ -215,7 +217,7 @@ func (s *Session) run() {
 		switch {
 		case res.err == nil:
 			s.apply(res)
-			next.Reset(s.interval() - time.Since(start))
+			next.Reset(max(s.interval()-time.Since(start), 0))
 		case errors.Is(res.err, ErrLeaseLost):
 			s.endEpoch(ErrLeaseLost)
 			s.logger.Warn("lease lost, starting a new one", "lease", fmt.Sprintf("%x", res.lease))
@@ -268,8 +270,12 @@ func (s *Session) round(ctx context.Context) roundResult {
 	s.mu.Lock()
 	res := roundResult{lease: s.lease, start: s.clock.now()}
 	s.mu.Unlock()
-	_, interval := s.cfg.timings(s.TTL())
-	ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), interval)
+	// A round is worth finishing until the deadline it could set has
+	// passed; abandoning it earlier would only throw away work on a slow
+	// but healthy connection.
+	ttl := s.TTL()
+	margin, _ := s.cfg.timings(ttl)
+	ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), ttl-margin)
 	defer cancel()
 
 	ka, err := s.cli.KeepAliveOnce(ctx, res.lease)

@@ -70,9 +70,12 @@ type Config struct {
 	// RetryBase is the first pause between attempts, doubled (with
 	// jitter) up to 1 s. Default 50 ms.
 	RetryBase time.Duration
-	// TakeoverConcurrency bounds how many successor takeovers run at once
-	// after owner keys disappear. Default 16.
-	TakeoverConcurrency int
+	// ElectionConcurrency bounds how many elections this server runs
+	// against etcd at once, worker requests and successor takeovers
+	// together; the others wait their turn (bounded by their ctx). It
+	// keeps a storm of elections — a server dying with thousands of apps
+	// — from starving the session's confirmation rounds. Default 16.
+	ElectionConcurrency int
 	// Pinger pings foreign owners before taking an app from them. Nil
 	// means no ping: an owner whose key exists (its lease is alive in
 	// etcd) is always taken as alive.
@@ -95,7 +98,7 @@ func DefaultConfig() Config {
 		LockTimeout:         5 * time.Second,
 		RetryTimes:          10,
 		RetryBase:           50 * time.Millisecond,
-		TakeoverConcurrency: 16,
+		ElectionConcurrency: 16,
 	}
 }
 
@@ -113,8 +116,8 @@ func (c Config) withDefaults() (Config, error) {
 	if c.RetryBase == 0 {
 		c.RetryBase = d.RetryBase
 	}
-	if c.TakeoverConcurrency == 0 {
-		c.TakeoverConcurrency = d.TakeoverConcurrency
+	if c.ElectionConcurrency == 0 {
+		c.ElectionConcurrency = d.ElectionConcurrency
 	}
 	if c.Clock == nil {
 		c.Clock = realClock{}
@@ -139,8 +142,8 @@ func (c Config) withDefaults() (Config, error) {
 	if c.RetryTimes < 0 {
 		return c, fmt.Errorf("%w: RetryTimes (%d) must be positive", ErrInvalidConfig, c.RetryTimes)
 	}
-	if c.TakeoverConcurrency < 0 {
-		return c, fmt.Errorf("%w: TakeoverConcurrency (%d) must be positive", ErrInvalidConfig, c.TakeoverConcurrency)
+	if c.ElectionConcurrency < 0 {
+		return c, fmt.Errorf("%w: ElectionConcurrency (%d) must be positive", ErrInvalidConfig, c.ElectionConcurrency)
 	}
 	return c, nil
 }

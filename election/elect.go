@@ -129,7 +129,7 @@ func (e *Elector) ensureOwner(ctx context.Context, app int64) (owner, error) {
 			f = &flight{done: make(chan struct{})}
 			e.flights[app] = f
 			e.mu.Unlock()
-			f.owner, f.err = e.elect(ctx, app)
+			f.owner, f.err = e.electInTurn(ctx, app)
 			e.mu.Lock()
 			delete(e.flights, app)
 			e.mu.Unlock()
@@ -148,6 +148,18 @@ func (e *Elector) ensureOwner(ctx context.Context, app int64) (owner, error) {
 		}
 		return f.owner, f.err
 	}
+}
+
+// electInTurn runs elect once one of the ElectionConcurrency slots is
+// free.
+func (e *Elector) electInTurn(ctx context.Context, app int64) (owner, error) {
+	select {
+	case e.slots <- struct{}{}:
+		defer func() { <-e.slots }()
+	case <-ctx.Done():
+		return owner{}, ctx.Err()
+	}
+	return e.elect(ctx, app)
 }
 
 // elect runs the election proper, with retries.

@@ -28,6 +28,7 @@ type Elector struct {
 	members  *coord.Members
 	registry *coord.Registry
 	mutexes  *mutexes
+	slots    chan struct{} // ElectionConcurrency tokens
 	logger   hclog.Logger
 	metrics  *metrics
 
@@ -87,6 +88,7 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 		known:     map[int64]bool{},
 	}
 	e.mutexes = newMutexes(e.cli)
+	e.slots = make(chan struct{}, cfg.ElectionConcurrency)
 	e.takeover.init()
 	e.members, err = coord.WatchMembers(ctx, e.cli, e.keys, cfg.Logger)
 	if err != nil {
@@ -104,7 +106,7 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 	e.loops.Go(func() { e.watchLoop(rev) })
 	e.loops.Go(e.epochLoop)
 	e.loops.Go(e.membersLoop)
-	for range cfg.TakeoverConcurrency {
+	for range cfg.ElectionConcurrency {
 		e.loops.Go(e.takeoverLoop)
 	}
 	return e, nil

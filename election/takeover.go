@@ -69,7 +69,7 @@ func (e *Elector) successor(app int64, exclude string) string {
 	return id
 }
 
-// takeoverLoop elects this server for queued apps; TakeoverConcurrency
+// takeoverLoop elects this server for queued apps; ElectionConcurrency
 // of them run at once.
 func (e *Elector) takeoverLoop() {
 	for {
