@@ -237,11 +237,12 @@ func (e *Elector) observe(events []*clientv3.Event) {
 // put records a new owner key value. Called with e.mu held.
 func (e *Elector) put(app int64, k ownerKey, wait time.Duration) {
 	e.table[app] = k
-	delete(e.takeover.orphans, app)
 	if e.isMine(k) {
-		e.own(app, k.modRev, k.lease, wait)
+		e.own(app, k.modRev, k.lease, wait) // counts a takeover if it was an orphan
+		delete(e.takeover.orphans, app)
 		return
 	}
+	delete(e.takeover.orphans, app)
 	delete(e.resigning, app) // someone else has it now
 	if o := e.mine[app]; o != nil {
 		e.metrics.deposed()

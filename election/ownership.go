@@ -46,6 +46,7 @@ func (e *Elector) own(app, token int64, lease clientv3.LeaseID, wait time.Durati
 		}
 		e.lose(o, ReasonDeposed)
 	}
+	e.adopted(app)
 	o := &ownership{app: app, token: token, lease: lease, notBefore: e.cfg.Clock.Now().Add(wait)}
 	e.mine[app] = o
 	if wait > 0 {

@@ -15,14 +15,19 @@ import (
 // membership change can hand them to a new successor.
 type takeoverQueue struct {
 	pending []int64
-	queued  map[int64]time.Time // app → when its deletion was seen
-	orphans map[int64]string    // app → previous owner, while unowned
-	signal  chan struct{}       // capacity 1; a value means "look at pending"
+	queued  map[int64]bool   // apps in pending
+	orphans map[int64]orphan // apps whose owner key is gone, until owned
+	signal  chan struct{}    // capacity 1; a value means "look at pending"
+}
+
+type orphan struct {
+	prevOwner string
+	since     time.Time // when the deletion was seen
 }
 
 func (q *takeoverQueue) init() {
-	q.queued = map[int64]time.Time{}
-	q.orphans = map[int64]string{}
+	q.queued = map[int64]bool{}
+	q.orphans = map[int64]orphan{}
 	q.signal = make(chan struct{}, 1)
 }
 
@@ -43,16 +48,25 @@ func (e *Elector) considerTakeover(app int64, prevOwner string) {
 		delete(e.takeover.orphans, app)
 		return
 	}
-	e.takeover.orphans[app] = prevOwner
-	if _, ok := e.takeover.queued[app]; ok {
+	if _, ok := e.takeover.orphans[app]; !ok {
+		e.takeover.orphans[app] = orphan{prevOwner: prevOwner, since: time.Now()}
+	}
+	if e.takeover.queued[app] || e.successor(app, prevOwner) != e.cfg.ServerID {
 		return
 	}
-	if e.successor(app, prevOwner) != e.cfg.ServerID {
-		return
-	}
-	e.takeover.queued[app] = time.Now()
+	e.takeover.queued[app] = true
 	e.takeover.pending = append(e.takeover.pending, app)
 	e.takeover.wake()
+}
+
+// adopted is called when this server comes to own app: if the app was an
+// orphan, that is a takeover. Called with e.mu held.
+func (e *Elector) adopted(app int64) {
+	if o, ok := e.takeover.orphans[app]; ok {
+		delete(e.takeover.orphans, app)
+		e.metrics.takeover(time.Since(o.since).Seconds())
+		e.logger.Debug("took an orphaned app over", "app_id", app, "previous_owner", o.prevOwner, "gap", time.Since(o.since))
+	}
 }
 
 // successor is the live server ranked first for app, not counting
@@ -86,7 +100,6 @@ func (e *Elector) takeoverLoop() {
 			}
 			app := e.takeover.pending[0]
 			e.takeover.pending = e.takeover.pending[1:]
-			seen := e.takeover.queued[app]
 			delete(e.takeover.queued, app)
 			if len(e.takeover.pending) > 0 {
 				e.takeover.wake() // let another loop help
@@ -96,11 +109,10 @@ func (e *Elector) takeoverLoop() {
 			ctx, cancel := context.WithTimeout(e.ctx, e.cfg.LockTimeout+e.cfg.PingTimeout)
 			o, err := e.ensureOwner(ctx, app)
 			cancel()
-			switch {
-			case err != nil:
+			if err != nil {
 				e.logger.Info("successor takeover failed; workers will ask", "app_id", app, "error", err)
-			case o.serverID == e.cfg.ServerID:
-				e.metrics.takeover(time.Since(seen).Seconds())
+			} else if o.serverID != e.cfg.ServerID {
+				e.logger.Debug("another server took the app first", "app_id", app, "owner", o.serverID)
 			}
 		}
 	}
@@ -119,9 +131,20 @@ func (e *Elector) membersLoop() {
 		}
 		changed = e.members.Changed() // before reading: no change slips by
 		e.mu.Lock()
-		for app, prev := range e.takeover.orphans {
-			e.considerTakeover(app, prev)
+		for app, o := range e.takeover.orphans {
+			e.considerTakeover(app, o.prevOwner)
 		}
 		e.mu.Unlock()
 	}
+}
+
+// Successor returns the live server that takes app over if its current
+// owner leaves: the first by coord.Rank among the live servers other than
+// the owner this server's table shows. Workers that see the owner key
+// deleted make the same choice over the same set.
+func (e *Elector) Successor(app int64) (coord.ServerRecord, bool) {
+	e.mu.Lock()
+	current := e.table[app].rec.ServerID
+	e.mu.Unlock()
+	return e.members.Get(e.successor(app, current))
 }
