@@ -13,7 +13,7 @@ import (
 )
 
 // electAll makes n elect every app and waits until it acts for them.
-func electAll(t *testing.T, c *cluster, n *node, apps []int64) {
+func electAll(t testing.TB, c *cluster, n *node, apps []int64) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()

@@ -56,7 +56,7 @@ func (p *pinger) setDown(address string, down bool) {
 // cluster is a set of nodes on one embedded etcd, with an event recorder
 // shared by all their callbacks.
 type cluster struct {
-	t      *testing.T
+	t      testing.TB
 	etcd   *coord.Embedded
 	keys   coord.Keys
 	pinger *pinger
@@ -65,7 +65,7 @@ type cluster struct {
 	nodes  []*node
 }
 
-func newCluster(t *testing.T, etcdMembers int, ttl time.Duration) *cluster {
+func newCluster(t testing.TB, etcdMembers int, ttl time.Duration) *cluster {
 	e := testutil.Etcd(t, etcdMembers)
 	keys, _ := coord.NewKeys("")
 	return &cluster{
@@ -173,7 +173,7 @@ func (n *node) crash() {
 	n.el.Close(ctx)
 }
 
-func (c *cluster) register(t *testing.T, names ...string) []int64 {
+func (c *cluster) register(t testing.TB, names ...string) []int64 {
 	t.Helper()
 	reg := coord.NewRegistry(c.etcd.Client(), c.keys)
 	var ids []int64
@@ -187,7 +187,7 @@ func (c *cluster) register(t *testing.T, names ...string) []int64 {
 	return ids
 }
 
-func (c *cluster) registerN(t *testing.T, n int) []int64 {
+func (c *cluster) registerN(t testing.TB, n int) []int64 {
 	names := make([]string, n)
 	for i := range names {
 		names[i] = fmt.Sprintf("app-%d", i)
@@ -196,7 +196,7 @@ func (c *cluster) registerN(t *testing.T, n int) []int64 {
 }
 
 // ownerOf reads app's owner key from etcd: server id and token.
-func (c *cluster) ownerOf(t *testing.T, app int64) (string, int64) {
+func (c *cluster) ownerOf(t testing.TB, app int64) (string, int64) {
 	t.Helper()
 	resp, err := c.etcd.Client().Get(context.Background(), c.keys.Owner(app))
 	if err != nil {

@@ -70,4 +70,3 @@ func gather(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	}
 	return sum
 }
-
