@@ -164,15 +164,6 @@ func (n *node) close() {
 	n.session.Close(ctx)
 }
 
-// crash stops the node as a SIGKILL would: no handover, no revoke; its
-// lease expires in etcd.
-func (n *node) crash() {
-	n.session.Abandon()
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel() // no time to hand anything over
-	n.el.Close(ctx)
-}
-
 func (c *cluster) register(t testing.TB, names ...string) []int64 {
 	t.Helper()
 	reg := coord.NewRegistry(c.etcd.Client(), c.keys)

@@ -33,7 +33,7 @@ type recorder struct {
 	inflight map[string]bool  // server/app → a callback is running
 	problems []string
 	notify   chan struct{}
-	wg       sync.WaitGroup
+	wg       sync.WaitGroup // cancel watchers; each ends when its ownership does
 }
 
 func newRecorder() *recorder {
@@ -203,6 +203,3 @@ func (r *recorder) check() []string {
 	}
 	return problems
 }
-
-// close waits for the cancel watchers (every ctx is cancelled by Close).
-func (r *recorder) close() { r.wg.Wait() }
