@@ -1,0 +1,113 @@
+package server
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"net/http"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/batonhq/baton/coord"
+)
+
+// adminRoutes mounts the admin API; every route needs the bearer token.
+func (n *Node) adminRoutes(mux *http.ServeMux) {
+	route(mux, "/admin/apps", n.admin(n.handleRegister), http.MethodPost)
+	route(mux, "/admin/owners", n.admin(n.handleOwners), http.MethodGet)
+	route(mux, "/admin/handover", n.admin(n.handleHandOver), http.MethodPost)
+	route(mux, "/admin/drain", n.admin(n.handleDrain), http.MethodPost)
+}
+
+// admin checks the bearer token in constant time before h runs.
+func (n *Node) admin(h func(http.ResponseWriter, *http.Request, *running)) http.HandlerFunc {
+	want := sha256.Sum256([]byte(n.cfg.AdminToken))
+	return n.needsRunning(func(w http.ResponseWriter, r *http.Request, run *running) {
+		auth := r.Header.Get("Authorization")
+		scheme, token, found := strings.Cut(auth, " ")
+		found = found && strings.EqualFold(scheme, "Bearer") // schemes are case-insensitive
+		got := sha256.Sum256([]byte(token))
+		// Comparing digests keeps the comparison constant-time whatever
+		// the token's length.
+		if !found || subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="baton"`)
+			writeResult(w, http.StatusUnauthorized, Result{Message: "admin token missing or wrong"})
+			return
+		}
+		h(w, r, run)
+	})
+}
+
+func (n *Node) handleRegister(w http.ResponseWriter, r *http.Request, _ *running) {
+	name, err := appNameParam(r.URL.Query())
+	if err != nil {
+		badRequest(w, err.Error())
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	defer cancel()
+	app, err := n.registry.Register(ctx, name)
+	if err != nil {
+		failed(w, err.Error())
+		return
+	}
+	ok(w, appInfo{AppID: app.ID, AppName: app.Name})
+}
+
+// owner is one row of /admin/owners.
+type owner struct {
+	AppID    int64  `json:"appId"`
+	ServerID string `json:"serverId"`
+	Token    int64  `json:"token"`
+}
+
+func (n *Node) handleOwners(w http.ResponseWriter, r *http.Request, _ *running) {
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	defer cancel()
+	resp, err := n.cfg.Client.Get(ctx, n.keys.OwnerPrefix(), clientv3.WithPrefix())
+	if err != nil {
+		failed(w, err.Error())
+		return
+	}
+	owners := []owner{}
+	for _, kv := range resp.Kvs {
+		app, err := n.keys.AppIDFromOwnerKey(string(kv.Key))
+		if err != nil {
+			continue
+		}
+		rec, err := coord.DecodeOwnerRecord(kv.Value)
+		if err != nil {
+			continue
+		}
+		owners = append(owners, owner{AppID: app, ServerID: rec.ServerID, Token: kv.ModRevision})
+	}
+	ok(w, owners)
+}
+
+func (n *Node) handleHandOver(w http.ResponseWriter, r *http.Request, run *running) {
+	app, err := appIDParam(r.URL.Query())
+	if err != nil {
+		badRequest(w, err.Error())
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	defer cancel()
+	to, err := run.elector.HandOver(ctx, app)
+	if err != nil {
+		failed(w, err.Error())
+		return
+	}
+	ok(w, map[string]any{"appId": app, "newOwner": to})
+}
+
+func (n *Node) handleDrain(w http.ResponseWriter, r *http.Request, _ *running) {
+	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	defer cancel()
+	if err := n.Drain(ctx); err != nil {
+		failed(w, err.Error())
+		return
+	}
+	ok(w, true)
+}

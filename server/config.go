@@ -1,0 +1,139 @@
+package server
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/election"
+)
+
+// ErrInvalidConfig: a Config field is out of range; the message names the
+// field and its value.
+var ErrInvalidConfig = errors.New("server: invalid configuration")
+
+// Config configures a Node.
+type Config struct {
+	// Client is the caller's etcd client; the node never closes it.
+	// Required.
+	Client *clientv3.Client
+	// Prefix is the etcd key prefix. Default coord.DefaultPrefix.
+	Prefix string
+	// ServerID names this server; it must be unique among live servers.
+	// Default: hostname plus random hex, fixed for the node's lifetime.
+	ServerID string
+	// TTL is the lease TTL, whole seconds, at least 1 s. Default 5 s.
+	TTL time.Duration
+	// Listen is the address the node's own HTTP server listens on, such as
+	// ":7700" or "127.0.0.1:0". Empty means no listener: mount Handler()
+	// in your own server and set Protocols.
+	Listen string
+	// Protocols says where this server answers each protocol. When HTTP
+	// is missing and Listen is set, it is derived from the listener
+	// (loopback when listening on all interfaces — set it explicitly in a
+	// real deployment). ExternalAddress is what workers behind NAT get.
+	Protocols coord.Protocols
+	// Election tunes the elector: PingTimeout, LockTimeout, RetryTimes,
+	// RetryBase, ElectionConcurrency and Clock are used; the node sets
+	// the other fields itself.
+	Election election.Config
+	// Callbacks are this server's ownership callbacks (see
+	// election.Callbacks).
+	Callbacks election.Callbacks
+	// AdminToken enables the admin routes under /admin/ for requests that
+	// carry "Authorization: Bearer <AdminToken>". Empty: the routes answer
+	// 404.
+	AdminToken string
+	// HTTPTimeouts bound the standalone listener's requests. Zero fields
+	// take the defaults of DefaultHTTPTimeouts.
+	HTTPTimeouts HTTPTimeouts
+	// Logger receives the node's logs; nil discards them.
+	Logger hclog.Logger
+	// Registerer, if set, receives the elector's metrics.
+	Registerer prometheus.Registerer
+}
+
+// HTTPTimeouts are the standalone listener's limits.
+type HTTPTimeouts struct {
+	ReadHeader time.Duration // default 5 s
+	Read       time.Duration // default 10 s
+	Write      time.Duration // default 15 s: an acquire may run an election
+	Idle       time.Duration // default 60 s
+	// MaxHeaderBytes bounds request headers. Default 16 KiB.
+	MaxHeaderBytes int
+}
+
+// DefaultHTTPTimeouts returns the listener's default limits.
+func DefaultHTTPTimeouts() HTTPTimeouts {
+	return HTTPTimeouts{ReadHeader: 5 * time.Second, Read: 10 * time.Second, Write: 15 * time.Second, Idle: 60 * time.Second, MaxHeaderBytes: 16 << 10}
+}
+
+// DefaultConfig returns a Config with every default filled in except the
+// client.
+func DefaultConfig() Config {
+	return Config{
+		TTL:          5 * time.Second,
+		Election:     election.DefaultConfig(),
+		HTTPTimeouts: DefaultHTTPTimeouts(),
+	}
+}
+
+func (c Config) withDefaults() (Config, error) {
+	if c.Client == nil {
+		return c, fmt.Errorf("%w: Client is nil", ErrInvalidConfig)
+	}
+	if _, err := coord.NewKeys(c.Prefix); err != nil {
+		return c, fmt.Errorf("%w: Prefix (%q): %v", ErrInvalidConfig, c.Prefix, err)
+	}
+	if c.TTL == 0 {
+		c.TTL = 5 * time.Second
+	}
+	if c.ServerID == "" {
+		c.ServerID = generatedID()
+	}
+	if err := coord.ValidateName(c.ServerID); err != nil {
+		return c, fmt.Errorf("%w: ServerID (%q): %v", ErrInvalidConfig, c.ServerID, err)
+	}
+	if _, ok := c.Protocols[coord.ProtocolHTTP]; !ok && c.Listen == "" {
+		return c, fmt.Errorf("%w: Protocols has no %q address and Listen is empty: set one of them", ErrInvalidConfig, coord.ProtocolHTTP)
+	}
+	d := DefaultHTTPTimeouts()
+	t := &c.HTTPTimeouts
+	for _, f := range []struct {
+		v   *time.Duration
+		def time.Duration
+	}{{&t.ReadHeader, d.ReadHeader}, {&t.Read, d.Read}, {&t.Write, d.Write}, {&t.Idle, d.Idle}} {
+		if *f.v == 0 {
+			*f.v = f.def
+		}
+		if *f.v < 0 {
+			return c, fmt.Errorf("%w: HTTPTimeouts has a negative timeout (%v)", ErrInvalidConfig, *f.v)
+		}
+	}
+	if t.MaxHeaderBytes == 0 {
+		t.MaxHeaderBytes = d.MaxHeaderBytes
+	}
+	if c.Logger == nil {
+		c.Logger = hclog.NewNullLogger()
+	}
+	return c, nil
+}
+
+// generatedID is hostname-<8 random hex digits>.
+func generatedID() string {
+	host, err := os.Hostname()
+	if err != nil || coord.ValidateName(host) != nil || len(host) > 100 {
+		host = "baton"
+	}
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return host + "-" + hex.EncodeToString(b[:])
+}

@@ -1,0 +1,96 @@
+package server
+
+import (
+	"fmt"
+	"net"
+	"net/url"
+	"strconv"
+
+	"github.com/batonhq/baton/coord"
+)
+
+// Request parameters are validated before anything reaches etcd; an error
+// here is a 400.
+
+func appNameParam(q url.Values) (string, error) {
+	name, err := single(q, "appName")
+	if err != nil {
+		return "", err
+	}
+	if err := coord.ValidateName(name); err != nil {
+		return "", fmt.Errorf("appName: %v", err)
+	}
+	return name, nil
+}
+
+func appIDParam(q url.Values) (int64, error) {
+	s, err := single(q, "appId")
+	if err != nil {
+		return 0, err
+	}
+	id, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || id <= 0 {
+		return 0, fmt.Errorf("appId %q is not a positive 64-bit integer", truncate(s))
+	}
+	return id, nil
+}
+
+func protocolParam(q url.Values) (string, error) {
+	p, err := single(q, "protocol")
+	if err != nil {
+		return "", err
+	}
+	if err := coord.ValidateName(p); err != nil || len(p) > 32 {
+		return "", fmt.Errorf("protocol %q is not a protocol name", truncate(p))
+	}
+	return p, nil
+}
+
+// hostPortParam reads an optional host:port parameter ("" when absent).
+func hostPortParam(q url.Values, name string) (string, error) {
+	vs := q[name]
+	if len(vs) == 0 || vs[0] == "" && len(vs) == 1 {
+		return "", nil
+	}
+	if len(vs) > 1 {
+		return "", fmt.Errorf("%s is given %d times", name, len(vs))
+	}
+	if err := validHostPort(vs[0]); err != nil {
+		return "", fmt.Errorf("%s %q: %v", name, truncate(vs[0]), err)
+	}
+	return vs[0], nil
+}
+
+func validHostPort(s string) error {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return err
+	}
+	if host == "" || len(host) > 253 {
+		return fmt.Errorf("bad host")
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+		return fmt.Errorf("bad port")
+	}
+	return nil
+}
+
+// single returns the one value of a required parameter.
+func single(q url.Values, name string) (string, error) {
+	vs := q[name]
+	switch {
+	case len(vs) == 0 || vs[0] == "":
+		return "", fmt.Errorf("%s is required", name)
+	case len(vs) > 1:
+		return "", fmt.Errorf("%s is given %d times", name, len(vs))
+	}
+	return vs[0], nil
+}
+
+// truncate keeps error messages short whatever the input.
+func truncate(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "…"
+	}
+	return s
+}

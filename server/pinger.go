@@ -1,0 +1,53 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+
+	"github.com/batonhq/baton/coord"
+)
+
+// HTTPPinger pings another baton server at GET /friend/ping, as the
+// elector does before taking an app from a live owner. It is safe for
+// concurrent use.
+type HTTPPinger struct {
+	Client *http.Client // nil means http.DefaultClient; ctx bounds each ping
+}
+
+// Ping implements election.Pinger.
+func (p HTTPPinger) Ping(ctx context.Context, address string) (coord.Protocols, error) {
+	if err := validHostPort(address); err != nil {
+		return nil, fmt.Errorf("server: ping %q: %w", address, err)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+address+"/friend/ping", nil)
+	if err != nil {
+		return nil, err
+	}
+	cli := p.Client
+	if cli == nil {
+		cli = http.DefaultClient
+	}
+	resp, err := cli.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("server: ping %s: %w", address, err)
+	}
+	defer resp.Body.Close()
+	var r struct {
+		Success bool            `json:"success"`
+		Data    coord.Protocols `json:"data"`
+		Message string          `json:"message"`
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&r); err != nil {
+		return nil, fmt.Errorf("server: ping %s: %w", address, err)
+	}
+	if !r.Success {
+		return nil, fmt.Errorf("server: ping %s: %s", address, r.Message)
+	}
+	if err := r.Data.Validate(); err != nil {
+		return nil, fmt.Errorf("server: ping %s: %w", address, err)
+	}
+	return r.Data, nil
+}
