@@ -97,6 +97,8 @@ func (w *worker) do(method, base, path string, q url.Values, header http.Header)
 	return r
 }
 
-func (w *worker) get(base, path string, q url.Values) reply { return w.do(http.MethodGet, base, path, q, nil) }
+func (w *worker) get(base, path string, q url.Values) reply {
+	return w.do(http.MethodGet, base, path, q, nil)
+}
 
 func contains(s, sub string) bool { return strings.Contains(s, sub) }

@@ -21,7 +21,9 @@ func writeResult(w http.ResponseWriter, status int, r Result) {
 	_ = json.NewEncoder(w).Encode(r)
 }
 
-func ok(w http.ResponseWriter, data any) { writeResult(w, http.StatusOK, Result{Success: true, Data: data}) }
+func ok(w http.ResponseWriter, data any) {
+	writeResult(w, http.StatusOK, Result{Success: true, Data: data})
+}
 
 // failed answers a domain error the PowerJob way: HTTP 200 with
 // success:false, so that a worker moves on to its next server.
