@@ -125,6 +125,34 @@ func Proxy(t testing.TB, target string) (proxy.Server, string) {
 	}
 }
 
+// ProxyAt starts a proxy again at a URL a closed one used (the port is
+// free again), in front of target, so that clients that dialled it can
+// reconnect.
+func ProxyAt(t testing.TB, at, target string) proxy.Server {
+	t.Helper()
+	from, err := url.Parse(at)
+	if err != nil {
+		t.Fatal(err)
+	}
+	to, err := url.Parse(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := proxy.NewServer(proxy.ServerConfig{
+		Logger: zap.NewNop(),
+		From:   url.URL{Scheme: "tcp", Host: from.Host},
+		To:     url.URL{Scheme: "tcp", Host: to.Host},
+	})
+	select {
+	case <-p.Ready():
+	case err := <-p.Error():
+		p.Close()
+		t.Fatalf("proxy at %s: %v", at, err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
 func freePort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -1,0 +1,268 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"sync/atomic"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/batonhq/baton/coord"
+)
+
+// Server is the scheduler server a worker should talk to.
+type Server struct {
+	// Address is the server's host:port for the configured protocol.
+	Address string
+	// ServerID and Token (the ownership's fencing token) are known when
+	// the server was learned from etcd; from HTTP they are empty.
+	ServerID string
+	Token    int64
+}
+
+// Change is one change of the current server.
+type Change struct {
+	Old, New Server
+}
+
+// Discovery keeps a worker pointed at its app's owner. With an etcd
+// client it watches the app's owner key and switches the moment it
+// changes; without one, or while etcd is out of reach, it polls the
+// servers over HTTP as PowerJob's worker does. It is safe for concurrent
+// use; Current never blocks.
+type Discovery struct {
+	cfg      Config
+	keys     coord.Keys
+	logger   hclog.Logger
+	api      *httpAPI
+	registry *coord.Registry // nil without a client
+	metrics  *metrics
+	servers  []string // Config.Servers, shuffled once
+
+	current atomic.Pointer[Server]
+	appID   atomic.Int64
+	reports chan string
+
+	changeMu sync.Mutex
+	changes  chan Change
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex
+	started bool
+	closed  bool
+}
+
+// New validates cfg and returns a Discovery that has not started.
+func New(cfg Config) (*Discovery, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	keys, _ := coord.NewKeys(cfg.Prefix)
+	m, err := newMetrics(cfg.Registerer, cfg.AppName)
+	if err != nil {
+		return nil, err
+	}
+	d := &Discovery{
+		cfg:     cfg,
+		keys:    keys,
+		logger:  cfg.Logger.Named("worker").With("app_name", cfg.AppName),
+		metrics: m,
+		servers: slices.Clone(cfg.Servers),
+		reports: make(chan string, 16),
+		changes: make(chan Change, 1),
+	}
+	rand.Shuffle(len(d.servers), func(i, j int) { d.servers[i], d.servers[j] = d.servers[j], d.servers[i] })
+	client := cfg.HTTPClient
+	if client == nil {
+		client = newHTTPClient(cfg.PingTimeout)
+	}
+	d.api = &httpAPI{client: client, timeout: cfg.RequestTimeout, tries: cfg.Tries, pause: cfg.TryPause, protocol: cfg.Protocol, requests: m.request}
+	if cfg.Client != nil {
+		d.registry = coord.NewRegistry(cfg.Client, keys)
+	}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	return d, nil
+}
+
+// Start resolves the app id and finds the first server, then keeps
+// following the owner until Close. Without AllowLazyConnect it fails when
+// either cannot be found (ErrNoServer, or the server's refusal for an
+// unknown app); with it, Start succeeds at once and the worker keeps
+// trying. It blocks at most for the configured timeouts.
+func (d *Discovery) Start(ctx context.Context) error {
+	d.mu.Lock()
+	if d.started || d.closed {
+		d.mu.Unlock()
+		return errors.New("worker: Start called twice or after Close")
+	}
+	d.started = true
+	d.mu.Unlock()
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(d.ctx, cancel)()
+
+	st := d.initialState(ctx)
+	if !d.cfg.AllowLazyConnect {
+		if st.err != nil {
+			return st.err
+		}
+		if _, found := d.Current(); !found {
+			return fmt.Errorf("%w for app %q (asked %v)", ErrNoServer, d.cfg.AppName, d.servers)
+		}
+	}
+	d.wg.Go(func() { d.run(st) })
+	return nil
+}
+
+// Current returns the server to talk to now, and false while there is
+// none. It never blocks.
+func (d *Discovery) Current() (Server, bool) {
+	if s := d.current.Load(); s != nil {
+		return *s, true
+	}
+	return Server{}, false
+}
+
+// AppID returns the app's id, or 0 while it is not resolved yet.
+func (d *Discovery) AppID() int64 { return d.appID.Load() }
+
+// Changes returns a channel that receives each change of the current
+// server. It keeps only the latest change: a reader that falls behind
+// sees the newest one, never a stale one, and the discovery never blocks
+// on it. It is never closed; stop reading after Close.
+func (d *Discovery) Changes() <-chan Change { return d.changes }
+
+// ReportUnreachable tells the discovery that the worker's own traffic to
+// addr failed; if addr is the current server, a discovery round starts
+// at once. It never blocks.
+func (d *Discovery) ReportUnreachable(addr string) {
+	select {
+	case d.reports <- addr:
+	default: // a round is coming anyway
+	}
+}
+
+// Close stops the discovery and waits for its goroutines. It is
+// idempotent; the etcd client stays open.
+func (d *Discovery) Close() {
+	d.mu.Lock()
+	d.closed = true
+	d.mu.Unlock()
+	d.cancel()
+	d.wg.Wait()
+}
+
+// setCurrent switches to s (a zero Server means none), publishing the
+// change when there is one. Called only from the discovery's goroutine
+// (and from Start before it runs).
+func (d *Discovery) setCurrent(s Server) {
+	old, _ := d.Current()
+	if old.Address == s.Address && old.ServerID == s.ServerID && old.Token == s.Token {
+		return
+	}
+	if s.Address == "" {
+		d.current.Store(nil)
+	} else {
+		d.current.Store(&s)
+	}
+	if old.Address == s.Address {
+		return // same server, better known (its id or token): not a change
+	}
+	d.logger.Info("current server changed", "old", old.Address, "new", s.Address, "server_id", s.ServerID, "token", s.Token)
+	d.metrics.changed()
+	if d.cfg.OnChange != nil {
+		d.cfg.OnChange(old, s)
+	}
+	d.changeMu.Lock()
+	defer d.changeMu.Unlock()
+	select {
+	case <-d.changes: // drop the unread older change
+	default:
+	}
+	d.changes <- Change{Old: old, New: s}
+}
+
+// serverFromRecord is where the owner in rec answers the configured
+// protocol; ok is false if it does not speak it.
+func (d *Discovery) serverFromRecord(rec coord.OwnerRecord, token int64) (Server, bool) {
+	ep, ok := rec.Protocols[d.cfg.Protocol]
+	if !ok {
+		return Server{}, false
+	}
+	addr := ep.Address
+	if ep.ExternalAddress != "" {
+		addr = ep.ExternalAddress
+	}
+	return Server{Address: addr, ServerID: rec.ServerID, Token: token}, true
+}
+
+// ownerKeyRead is one read of the app's owner key.
+type ownerKeyRead struct {
+	rev    int64  // the read's revision: watch from rev+1
+	owner  Server // zero when there is no usable owner
+	exists bool
+}
+
+func (d *Discovery) readOwnerKey(ctx context.Context) (ownerKeyRead, error) {
+	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
+	defer cancel()
+	resp, err := d.cfg.Client.Get(ctx, d.keys.Owner(d.AppID()))
+	if err != nil {
+		return ownerKeyRead{}, err
+	}
+	r := ownerKeyRead{rev: resp.Header.Revision}
+	if len(resp.Kvs) == 0 {
+		return r, nil
+	}
+	r.exists = true
+	rec, err := coord.DecodeOwnerRecord(resp.Kvs[0].Value)
+	if err != nil {
+		d.logger.Warn("owner key holds a corrupt record", "error", err)
+		return r, nil
+	}
+	r.owner, _ = d.serverFromRecord(rec, resp.Kvs[0].ModRevision)
+	return r, nil
+}
+
+// resolveApp finds the app's id through etcd when it answers, else
+// through /server/assert on the configured servers.
+func (d *Discovery) resolveApp(ctx context.Context, viaEtcd bool) error {
+	if d.AppID() != 0 {
+		return nil
+	}
+	if viaEtcd && d.registry != nil {
+		rctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
+		app, err := d.registry.ByName(rctx, d.cfg.AppName)
+		cancel()
+		if err == nil {
+			d.appID.Store(app.ID)
+			return nil
+		}
+		if errors.Is(err, coord.ErrUnknownApp) {
+			return fmt.Errorf("worker: app %q is not registered: %w", d.cfg.AppName, err)
+		}
+		d.logger.Debug("etcd did not resolve the app; asking the servers", "error", err)
+	}
+	var last error = ErrNoServer
+	for _, s := range d.servers {
+		id, err := d.api.assert(ctx, s, d.cfg.AppName)
+		if err == nil {
+			d.appID.Store(id)
+			return nil
+		}
+		if errors.Is(err, errRefused) {
+			return fmt.Errorf("worker: app %q: %w", d.cfg.AppName, err)
+		}
+		last = err
+	}
+	return fmt.Errorf("worker: resolve app %q: %w", d.cfg.AppName, last)
+}

@@ -1,0 +1,199 @@
+package worker_test
+
+import (
+	"context"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/testutil"
+	"github.com/batonhq/baton/server"
+	"github.com/batonhq/baton/worker"
+)
+
+// startNode starts a server node with TTL 1 s, listening on listen
+// ("127.0.0.1:0" for any port).
+func startNode(t testing.TB, e *coord.Embedded, id, listen string) *server.Node {
+	t.Helper()
+	cfg := server.DefaultConfig()
+	cfg.Client = testutil.Client(t, e)
+	cfg.ServerID = id
+	cfg.TTL = time.Second
+	cfg.Listen = listen
+	cfg.Logger = testutil.Logger(t).Named(id)
+	cfg.Election.PingTimeout = 300 * time.Millisecond
+	n, err := server.NewNode(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := n.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { closeNode(n) })
+	return n
+}
+
+func closeNode(n *server.Node) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	n.Close(ctx)
+}
+
+// recorder collects a worker's changes and isolations.
+type recorder struct {
+	mu        sync.Mutex
+	changes   []change
+	isolated  int
+	notify    chan struct{}
+	registry  *prometheus.Registry
+	discovery *worker.Discovery
+}
+
+type change struct {
+	old, new worker.Server
+	at       time.Time
+}
+
+func (r *recorder) wait(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.After(timeout)
+	for {
+		r.mu.Lock()
+		ch := r.notify
+		r.mu.Unlock()
+		if cond() {
+			return
+		}
+		select {
+		case <-ch:
+		case <-deadline:
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+	}
+}
+
+func (r *recorder) event() {
+	close(r.notify)
+	r.notify = make(chan struct{})
+}
+
+// startWorker starts a discovery for app with the given config edits.
+func startWorker(t testing.TB, app string, edit func(*worker.Config)) *recorder {
+	t.Helper()
+	r := &recorder{notify: make(chan struct{}), registry: prometheus.NewRegistry()}
+	cfg := worker.DefaultConfig()
+	cfg.AppName = app
+	cfg.Logger = testutil.Logger(t).Named("worker")
+	cfg.Registerer = r.registry
+	cfg.RequestTimeout = 500 * time.Millisecond
+	cfg.PingTimeout = 300 * time.Millisecond
+	cfg.TryPause = 10 * time.Millisecond
+	cfg.OnChange = func(old, new worker.Server) {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		r.changes = append(r.changes, change{old, new, time.Now()})
+		r.event()
+	}
+	cfg.OnIsolated = func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		r.isolated++
+		r.event()
+	}
+	edit(&cfg)
+	d, err := worker.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := d.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(d.Close)
+	r.discovery = d
+	return r
+}
+
+func (r *recorder) current() string {
+	s, _ := r.discovery.Current()
+	return s.Address
+}
+
+func (r *recorder) isolations() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.isolated
+}
+
+// metric sums the worker's metric name (with label value, if given).
+func (r *recorder) metric(t testing.TB, name, label string) float64 {
+	t.Helper()
+	families, err := r.registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum float64
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			if label != "" {
+				match := false
+				for _, l := range m.GetLabel() {
+					if l.GetValue() == label {
+						match = true
+					}
+				}
+				if !match {
+					continue
+				}
+			}
+			switch {
+			case m.Counter != nil:
+				sum += m.Counter.GetValue()
+			case m.Gauge != nil:
+				sum += m.Gauge.GetValue()
+			}
+		}
+	}
+	return sum
+}
+
+// deadAddr returns a loopback address nothing listens on.
+func deadAddr(t testing.TB) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	return addr
+}
+
+func register(t testing.TB, cli *clientv3.Client, name string) int64 {
+	keys, _ := coord.NewKeys("")
+	app, err := coord.NewRegistry(cli, keys).Register(context.Background(), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return app.ID
+}
+
+func elect(t testing.TB, n *server.Node, app int64) string {
+	t.Helper()
+	addr, err := n.Elector().Elect(context.Background(), app, coord.ProtocolHTTP, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return addr
+}
+
