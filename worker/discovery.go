@@ -252,7 +252,7 @@ func (d *Discovery) resolveApp(ctx context.Context, viaEtcd bool) error {
 		}
 		d.logger.Debug("etcd did not resolve the app; asking the servers", "error", err)
 	}
-	var last error = ErrNoServer
+	var last error = errors.New("no server configured")
 	for _, s := range d.servers {
 		id, err := d.api.assert(ctx, s, d.cfg.AppName)
 		if err == nil {
@@ -264,5 +264,5 @@ func (d *Discovery) resolveApp(ctx context.Context, viaEtcd bool) error {
 		}
 		last = err
 	}
-	return fmt.Errorf("worker: resolve app %q: %w", d.cfg.AppName, last)
+	return fmt.Errorf("%w: resolve app %q: %v", ErrNoServer, d.cfg.AppName, last)
 }

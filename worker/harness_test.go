@@ -3,6 +3,7 @@ package worker_test
 import (
 	"context"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -197,3 +198,5 @@ func elect(t testing.TB, n *server.Node, app int64) string {
 	return addr
 }
 
+
+func contains(s, sub string) bool { return strings.Contains(s, sub) }

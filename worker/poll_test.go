@@ -1,0 +1,168 @@
+package worker_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/batonhq/baton/internal/testutil"
+	"github.com/batonhq/baton/worker"
+)
+
+func TestPollingAsksTheCurrentServerOncePerRound(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	n := startNode(t, e, "s1", "127.0.0.1:0")
+	n2 := startNode(t, e, "s2", "127.0.0.1:0")
+	app := register(t, e.Client(), "orders")
+	owner := elect(t, n, app)
+	clock := testutil.NewFakeClock()
+	w := startWorker(t, "orders", func(c *worker.Config) {
+		c.Servers = []string{n2.Addr(), n.Addr()} // no etcd: PowerJob's polling
+		c.Clock = clock
+	})
+	if w.current() != owner {
+		t.Fatalf("worker at %q, owner %s", w.current(), owner)
+	}
+	start := w.metric(t, "baton_worker_http_requests_total", "")
+	const rounds = 12 // two minutes at PowerJob's 10 s
+	for i := 1; i <= rounds; i++ {
+		clock.BlockUntil(1, 5*time.Second)
+		clock.Advance(10 * time.Second)
+		testutil.Eventually(t, 5*time.Second, "the round", func() bool {
+			return w.metric(t, "baton_worker_rounds_total", "found") == float64(1+i)
+		})
+	}
+	perMinute := (w.metric(t, "baton_worker_http_requests_total", "") - start) / 2
+	t.Logf("polling: %v HTTP requests per worker per minute at a 10 s interval", perMinute)
+	if perMinute > 6 {
+		t.Fatalf("%v requests per minute, PowerJob sends 6", perMinute)
+	}
+	if w.metric(t, "baton_worker_watching", "") != 0 {
+		t.Fatal("a worker without etcd claims to watch")
+	}
+}
+
+func TestReportUnreachableStartsARoundAtOnce(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	nodes := map[string]string{}
+	n1 := startNode(t, e, "s1", "127.0.0.1:0")
+	n2 := startNode(t, e, "s2", "127.0.0.1:0")
+	nodes[n1.Addr()], nodes[n2.Addr()] = "s1", "s2"
+	app := register(t, e.Client(), "orders")
+	owner := elect(t, n1, app)
+	w := startWorker(t, "orders", func(c *worker.Config) {
+		c.Servers = []string{n1.Addr(), n2.Addr()}
+		c.Interval = time.Hour // only the report can start a round
+	})
+	if _, err := n1.Elector().HandOver(context.Background(), app); err != nil {
+		t.Fatal(err)
+	}
+	w.discovery.ReportUnreachable("10.9.9.9:1") // not the current server: ignored
+	w.discovery.ReportUnreachable(owner)
+	w.wait(t, 5*time.Second, "the worker to move", func() bool { return w.current() == n2.Addr() })
+}
+
+func TestEtcdCutOffFallsBackToPollingAndBack(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	n1 := startNode(t, e, "s1", "127.0.0.1:0")
+	n2 := startNode(t, e, "s2", "127.0.0.1:0")
+	app := register(t, e.Client(), "orders")
+	elect(t, n1, app)
+
+	p, url := testutil.Proxy(t, e.Endpoint(0))
+	cli := testutil.Client(t, e, url)
+	w := startWorker(t, "orders", func(c *worker.Config) {
+		c.Client = cli
+		c.Servers = []string{n1.Addr(), n2.Addr()}
+		c.Interval = 200 * time.Millisecond
+		c.EtcdGrace = time.Second
+	})
+	if w.current() != n1.Addr() {
+		t.Fatal("worker did not start at s1")
+	}
+	testutil.Eventually(t, 5*time.Second, "the worker to watch", func() bool {
+		return w.metric(t, "baton_worker_watching", "") == 1
+	})
+	p.BlackholeTx()
+	p.BlackholeRx()
+	// gRPC notices the dead connection after its keepalive (10 s + 2 s);
+	// then, EtcdGrace later, the worker polls. It keeps its server.
+	testutil.Eventually(t, 30*time.Second, "the worker to fall back to polling", func() bool {
+		return w.metric(t, "baton_worker_watching", "") == 0
+	})
+	if w.current() != n1.Addr() {
+		t.Fatalf("worker lost its server when etcd went away: %q", w.current())
+	}
+	// The owner moves; the worker learns it over HTTP.
+	if _, err := n1.Elector().HandOver(context.Background(), app); err != nil {
+		t.Fatal(err)
+	}
+	w.wait(t, 10*time.Second, "the worker to follow by polling", func() bool { return w.current() == n2.Addr() })
+
+	p.UnblackholeTx()
+	p.UnblackholeRx()
+	testutil.Eventually(t, 30*time.Second, "the worker to watch again", func() bool {
+		return w.metric(t, "baton_worker_watching", "") == 1
+	})
+	if _, err := n2.Elector().HandOver(context.Background(), app); err != nil {
+		t.Fatal(err)
+	}
+	w.wait(t, 5*time.Second, "the worker to follow by watching", func() bool { return w.current() == n1.Addr() })
+}
+
+func TestLazyConnectFindsAServerThatAppearsLater(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	addr := deadAddr(t) // where the server will listen
+	clock := testutil.NewFakeClock()
+	w := startWorker(t, "orders", func(c *worker.Config) {
+		c.Servers = []string{addr}
+		c.AllowLazyConnect = true
+		c.Clock = clock
+	})
+	if _, ok := w.discovery.Current(); ok || w.discovery.AppID() != 0 {
+		t.Fatal("a lazy worker found something before any server existed")
+	}
+	n := startNode(t, e, "s1", addr)
+	register(t, e.Client(), "orders")
+	clock.BlockUntil(1, 5*time.Second)
+	clock.Advance(10 * time.Second)
+	w.wait(t, 10*time.Second, "the worker to find the server", func() bool { return w.current() == n.Addr() })
+	if w.discovery.AppID() == 0 {
+		t.Fatal("app id not resolved")
+	}
+}
+
+func TestStartFailsClearlyWithoutLazyConnect(t *testing.T) {
+	cfg := worker.DefaultConfig()
+	cfg.AppName = "orders"
+	cfg.Servers = []string{deadAddr(t)}
+	cfg.RequestTimeout = 200 * time.Millisecond
+	cfg.PingTimeout = 100 * time.Millisecond
+	d, err := worker.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if err := d.Start(context.Background()); !errors.Is(err, worker.ErrNoServer) {
+		t.Fatalf("Start = %v, want ErrNoServer", err)
+	}
+}
+
+func TestConfigErrorsNameTheField(t *testing.T) {
+	for _, tc := range []struct {
+		cfg  worker.Config
+		want string
+	}{
+		{worker.Config{}, "AppName"},
+		{worker.Config{AppName: "a"}, "Servers is empty and Client is nil"},
+		{worker.Config{AppName: "a", Servers: []string{"nohost"}}, "Servers entry \"nohost\""},
+		{worker.Config{AppName: "a", Servers: []string{"h:1"}, Interval: -time.Second}, "Interval (-1s)"},
+		{worker.Config{AppName: "a", Servers: []string{"h:1"}, MaxFailedRounds: -2}, "MaxFailedRounds (-2)"},
+		{worker.Config{AppName: "a", Servers: []string{"h:1"}, PingTimeout: 5 * time.Second, RequestTimeout: time.Second}, "PingTimeout (5s) must not exceed RequestTimeout (1s)"},
+	} {
+		if _, err := worker.New(tc.cfg); !errors.Is(err, worker.ErrInvalidConfig) || !contains(err.Error(), tc.want) {
+			t.Errorf("New: %v, want an error naming %q", err, tc.want)
+		}
+	}
+}
