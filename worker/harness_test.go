@@ -198,5 +198,4 @@ func elect(t testing.TB, n *server.Node, app int64) string {
 	return addr
 }
 
-
 func contains(s, sub string) bool { return strings.Contains(s, sub) }

@@ -216,4 +216,3 @@ func TestWatchRecoversFromCompaction(t *testing.T) {
 	}
 	w.wait(t, 5*time.Second, "the next change", func() bool { return w.current() == from.Addr() })
 }
-
