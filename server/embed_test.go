@@ -57,3 +57,31 @@ func TestHandlerMountsInAnExistingServer(t *testing.T) {
 		t.Fatalf("assert: %q", r.message)
 	}
 }
+
+func TestKillLeavesTheLeaseToExpire(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	a := startNode(t, e, "a")
+	b := startNode(t, e, "b")
+	ctx := context.Background()
+	app, _ := a.Registry().Register(ctx, "orders")
+	if _, err := a.Elector().Elect(ctx, app.ID, coord.ProtocolHTTP, ""); err != nil {
+		t.Fatal(err)
+	}
+	lease := a.Session().Lease()
+	killed := time.Now()
+	a.Kill()
+	// The lease is still there right after the kill: nothing was revoked.
+	if ttl, err := e.Client().TimeToLive(ctx, lease); err != nil || ttl.TTL < 0 {
+		t.Fatalf("lease gone at once after Kill: %+v, %v", ttl, err)
+	}
+	testutil.Eventually(t, 10*time.Second, "b to take the app over", func() bool {
+		_, ok := b.Elector().Token(app.ID)
+		return ok
+	})
+	if took := time.Since(killed); took < 500*time.Millisecond {
+		t.Errorf("b took over %v after the kill, before a's lease could expire", took)
+	}
+	if _, err := http.Get("http://" + a.Addr() + "/server/hello"); err == nil {
+		t.Error("killed node still answers HTTP")
+	}
+}

@@ -243,6 +243,34 @@ func (n *Node) Close(ctx context.Context) error {
 	return n.release(ctx, n.run.Load())
 }
 
+// Kill stops the node the way a crash would, for tests and demos: the
+// HTTP server and every connection close at once, the session stops
+// without revoking its lease (etcd expires it after the TTL, and with it
+// the node's keys), and nothing is handed over. Ownership contexts are
+// cancelled and OnLose runs with ReasonClosed, since the process lives
+// on. Close after Kill does nothing.
+func (n *Node) Kill() {
+	n.mu.Lock()
+	if n.closed {
+		n.mu.Unlock()
+		return
+	}
+	n.closed = true
+	n.mu.Unlock()
+	r := n.run.Load()
+	if r == nil {
+		return
+	}
+	if r.http != nil {
+		r.http.Close()
+		<-r.serveDone
+	}
+	r.session.Abandon()
+	gone, cancel := context.WithCancel(context.Background())
+	cancel() // no time to hand anything over or leave membership
+	r.elector.Close(gone)
+}
+
 // release closes what start opened, in reverse order.
 func (n *Node) release(ctx context.Context, r *running) error {
 	if r == nil {
