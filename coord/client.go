@@ -8,6 +8,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap/zapcore"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 )
 
 // ClientConfig returns the etcd client settings baton recommends for a
@@ -18,6 +20,11 @@ import (
 // so a dead connection is found after about 12 s; baton's safety never
 // waits for that — the session's guard and every call's deadline do not
 // depend on it.
+//
+// Reconnection backs off from 100 ms to at most 1 s (gRPC's default grows
+// to 2 minutes): after etcd or the network comes back, a server must be
+// confirming its lease again within a second, not whenever its backoff
+// says.
 func ClientConfig(endpoints []string, logger hclog.Logger) clientv3.Config {
 	return clientv3.Config{
 		Endpoints:            endpoints,
@@ -26,6 +33,15 @@ func ClientConfig(endpoints []string, logger hclog.Logger) clientv3.Config {
 		DialKeepAliveTimeout: 2 * time.Second,
 		PermitWithoutStream:  true,
 		Logger:               ZapLogger(logger, zapcore.WarnLevel),
+		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff: backoff.Config{
+				BaseDelay:  100 * time.Millisecond,
+				Multiplier: 1.6,
+				Jitter:     0.2,
+				MaxDelay:   time.Second,
+			},
+			MinConnectTimeout: 2 * time.Second,
+		})},
 	}
 }
 

@@ -336,8 +336,9 @@ func (e *Elector) reclaim() {
 // Close hands every owned app to its successor and waits (until ctx ends)
 // for the successors to own them, then ends every remaining ownership
 // (OnLose with ReasonClosed), waits for all callbacks to return and stops
-// every goroutine. The session is left open: close it afterwards to
-// revoke the lease. Close is idempotent.
+// every goroutine. With a ctx that has already ended it hands nothing
+// over and writes nothing. The session is left open: close it afterwards
+// to revoke the lease. Close is idempotent.
 func (e *Elector) Close(ctx context.Context) error {
 	e.mu.Lock()
 	if e.closed || e.draining {
@@ -348,9 +349,13 @@ func (e *Elector) Close(ctx context.Context) error {
 	e.mu.Unlock()
 
 	// Stop being anyone's successor first, so that servers draining at
-	// the same time do not hand their apps to each other.
-	e.leaveMembership(ctx)
-	err := e.handOverAll(ctx)
+	// the same time do not hand their apps to each other. A ctx that has
+	// already ended means there is no time for any of it.
+	var err error
+	if ctx.Err() == nil {
+		e.leaveMembership(ctx)
+		err = e.handOverAll(ctx)
+	}
 
 	e.cancel()
 	e.loops.Wait()

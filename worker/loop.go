@@ -12,8 +12,8 @@ import (
 
 // startState is what Start learned and hands to the loop.
 type startState struct {
-	err       error
-	watchFrom int64 // > 0: etcd answered; watch the owner key from here + 1
+	err    error
+	etcdOK bool // etcd answered during Start
 }
 
 // initialState resolves the app and finds the first server: from etcd's
@@ -35,7 +35,7 @@ func (d *Discovery) initialState(ctx context.Context) startState {
 			} else if s, ok := d.round(ctx, roundInput{useEtcd: true}); ok {
 				d.setCurrent(s)
 			}
-			return startState{watchFrom: r.rev}
+			return startState{etcdOK: true}
 		}
 	}
 	if s, ok := d.round(ctx, roundInput{}); ok {
@@ -143,6 +143,7 @@ type loop struct {
 	watchCh      clientv3.WatchChan // nil while not watching
 	stopWatch    context.CancelFunc
 	gen          uint64 // bumped at every etcd event: older rounds are stale
+	skipUpTo     int64  // events at or below this revision are in the last read
 	rounds       chan roundOutcome
 	roundRunning bool
 	searching    bool // etcd shows no usable owner: poll until one appears
@@ -154,10 +155,8 @@ type loop struct {
 func (d *Discovery) run(st startState) {
 	l := &loop{d: d, rounds: make(chan roundOutcome, 1), stopWatch: func() {}}
 	defer func() { l.stopWatch() }()
-	if st.watchFrom > 0 && d.AppID() != 0 {
-		l.watch(st.watchFrom)
-		_, found := d.Current()
-		l.searching = !found
+	if st.etcdOK && d.AppID() != 0 && !l.resync() {
+		l.startRound()
 	}
 	timer := d.cfg.Clock.After(d.cfg.Interval)
 	var health <-chan time.Time
@@ -202,15 +201,6 @@ func (d *Discovery) run(st startState) {
 	}
 }
 
-// watch starts watching the owner key from rev+1.
-func (l *loop) watch(rev int64) {
-	d := l.d
-	ctx, cancel := context.WithCancel(clientv3.WithRequireLeader(d.ctx))
-	l.stopWatch = cancel
-	l.watchCh = d.cfg.Client.Watch(ctx, d.keys.Owner(d.AppID()), clientv3.WithRev(rev+1))
-	d.metrics.setWatching(true)
-}
-
 func (l *loop) leaveWatch() {
 	l.stopWatch()
 	l.stopWatch = func() {}
@@ -218,21 +208,46 @@ func (l *loop) leaveWatch() {
 	l.d.metrics.setWatching(false)
 }
 
-// resync reads the owner key and watches from there.
+// resync starts a watch of the owner key, waits until etcd has created
+// it, then reads the key. A watch started from the current revision is
+// "synced" in etcd from the first moment and gets events as they are
+// written; one started from an older revision waits for etcd's catch-up
+// loop, which runs every 100 ms. Events the read already reflects are
+// skipped (skipUpTo).
 func (l *loop) resync() bool {
 	d := l.d
+	ctx, cancel := context.WithCancel(clientv3.WithRequireLeader(d.ctx))
+	wch := d.cfg.Client.Watch(ctx, d.keys.Owner(d.AppID()), clientv3.WithCreatedNotify())
+	created := false
+	timeout := time.NewTimer(d.cfg.RequestTimeout)
+	defer timeout.Stop()
+	select {
+	case resp, ok := <-wch:
+		created = ok && resp.Err() == nil && resp.Created
+	case <-timeout.C:
+	case <-d.ctx.Done():
+	}
+	if !created {
+		cancel()
+		return false
+	}
 	r, err := d.readOwnerKey(d.ctx)
 	if err != nil {
+		cancel()
 		return false
 	}
 	l.gen++
+	l.skipUpTo = r.rev
+	l.stopWatch, l.watchCh = cancel, wch
 	if r.owner.Address != "" {
 		d.setCurrent(r.owner)
 		l.found()
 	} else {
+		// No owner: the same as seeing its key deleted.
 		l.searching = true
+		l.startRound()
 	}
-	l.watch(r.rev)
+	d.metrics.setWatching(true)
 	return true
 }
 
@@ -241,6 +256,9 @@ func (l *loop) resync() bool {
 func (l *loop) apply(events []*clientv3.Event) {
 	d := l.d
 	for _, ev := range events {
+		if ev.Kv.ModRevision <= l.skipUpTo {
+			continue // already in the read that started this watch
+		}
 		l.gen++
 		if ev.Type == clientv3.EventTypePut {
 			rec, err := coord.DecodeOwnerRecord(ev.Kv.Value)
@@ -273,20 +291,27 @@ func (l *loop) startRound() {
 	})
 }
 
-// finished takes a round's result. A found server is used unless etcd has
-// spoken since the round started; a failed round counts towards
-// isolation, and the MaxFailedRounds-th in a row calls OnIsolated.
+// finished takes a round's result. A round that etcd has overtaken (an
+// owner-key event arrived while it ran) is stale: its answer is dropped,
+// and if etcd now shows no owner a fresh round starts at once. A failed
+// round counts towards isolation, and the MaxFailedRounds-th in a row
+// calls OnIsolated.
 func (l *loop) finished(out roundOutcome) {
 	d := l.d
 	l.roundRunning = false
-	if out.ok {
-		if out.gen == l.gen || l.watchCh == nil {
-			d.setCurrent(out.server)
-		}
+	stale := out.gen != l.gen && l.watchCh != nil
+	switch {
+	case out.ok && !stale:
+		d.setCurrent(out.server)
 		l.found()
 		return
-	}
-	if d.ctx.Err() != nil {
+	case out.ok || stale && !l.searching:
+		// Overtaken: etcd's answer is newer than this round's.
+		if l.searching {
+			l.startRound()
+		}
+		return
+	case d.ctx.Err() != nil:
 		return
 	}
 	l.failed++
@@ -297,6 +322,9 @@ func (l *loop) finished(out roundOutcome) {
 		if d.cfg.OnIsolated != nil {
 			d.cfg.OnIsolated()
 		}
+	}
+	if stale && l.searching {
+		l.startRound() // the owner left while this round ran: ask again now
 	}
 }
 

@@ -208,6 +208,9 @@ func TestWatchRecoversFromCompaction(t *testing.T) {
 	// Bring the connection back on the same address: the watch resumes
 	// from a compacted revision and must read again.
 	testutil.ProxyAt(t, url, e.Endpoint(0))
+	// Cleanups run last-in first-out: close the worker and its client
+	// before this proxy, or the proxy waits for their connection to die.
+	t.Cleanup(func() { w.discovery.Close(); cli.Close() })
 	w.wait(t, 15*time.Second, "the worker to follow after compaction", func() bool { return w.current() == to.Addr() })
 
 	// It keeps following later changes through its new watch.
