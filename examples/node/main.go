@@ -1,0 +1,134 @@
+// Command node runs one baton scheduler server as a process of its own.
+// Every ownership change is printed on stdout as one JSON line; logs go
+// to stderr. SIGINT or SIGTERM drains it (its apps go to their
+// successors) and exits.
+//
+//	go run ./examples/node -etcd 127.0.0.1:2379 -listen 127.0.0.1:7700 -id a -apps orders,billing
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/election"
+	"github.com/batonhq/baton/internal/monoclock"
+	"github.com/batonhq/baton/server"
+)
+
+func main() {
+	var (
+		etcd       = flag.String("etcd", "127.0.0.1:2379", "comma-separated etcd endpoints")
+		listen     = flag.String("listen", "127.0.0.1:7700", "HTTP listen address")
+		advertise  = flag.String("advertise", "", "HTTP address workers and servers use (default: from -listen)")
+		id         = flag.String("id", "", "server id (default: hostname-random)")
+		ttl        = flag.Duration("ttl", 5*time.Second, "lease TTL, whole seconds")
+		prefix     = flag.String("prefix", coord.DefaultPrefix, "etcd key prefix")
+		apps       = flag.String("apps", "", "comma-separated app names to register at start")
+		adminToken = flag.String("admin-token", "", "enable /admin/ with this bearer token")
+		logLevel   = flag.String("log-level", "info", "trace, debug, info, warn or error")
+	)
+	flag.Parse()
+	logger := hclog.New(&hclog.LoggerOptions{Name: "node", Level: hclog.LevelFromString(*logLevel), Output: os.Stderr})
+	if err := run(logger, *etcd, *listen, *advertise, *id, *ttl, *prefix, *apps, *adminToken); err != nil {
+		logger.Error("node failed", "error", err)
+		os.Exit(1)
+	}
+}
+
+// out prints one JSON line per event; lines never interleave.
+var out = json.NewEncoder(os.Stdout)
+var outMu sync.Mutex
+
+type event struct {
+	Event  string `json:"event"` // started, acquire, end, lose, stopped
+	Server string `json:"server"`
+	App    int64  `json:"app,omitempty"`
+	Token  int64  `json:"token,omitempty"`
+	Reason string `json:"reason,omitempty"`
+	Addr   string `json:"addr,omitempty"`
+	// MonoNs is CLOCK_MONOTONIC, comparable across processes on one
+	// machine: for "end" it is the instant the ownership's context was
+	// cancelled, taken before anything else happened.
+	MonoNs int64     `json:"monoNs"`
+	Time   time.Time `json:"time"`
+}
+
+func emit(e event) {
+	outMu.Lock()
+	defer outMu.Unlock()
+	_ = out.Encode(e)
+}
+
+func run(logger hclog.Logger, etcd, listen, advertise, id string, ttl time.Duration, prefix, apps, adminToken string) error {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	cli, err := coord.Dial(dialCtx, strings.Split(etcd, ","), logger)
+	cancel()
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+
+	cfg := server.DefaultConfig()
+	cfg.Client, cfg.Prefix, cfg.ServerID, cfg.TTL, cfg.Listen = cli, prefix, id, ttl, listen
+	cfg.AdminToken, cfg.Logger = adminToken, logger
+	if advertise != "" {
+		cfg.Protocols = coord.Protocols{coord.ProtocolHTTP: {Address: advertise}}
+	}
+	var node *server.Node
+	var ends sync.WaitGroup
+	cfg.Callbacks = election.Callbacks{
+		OnAcquire: func(octx context.Context, app, token int64) {
+			emit(event{Event: "acquire", Server: node.ID(), App: app, Token: token, MonoNs: monoclock.Now(), Time: time.Now()})
+			ends.Go(func() {
+				<-octx.Done()
+				at, _ := election.EndedAt(octx)
+				emit(event{Event: "end", Server: node.ID(), App: app, Token: token, MonoNs: monoclock.Of(at), Time: at})
+			})
+		},
+		OnLose: func(app, token int64, why election.Reason) {
+			emit(event{Event: "lose", Server: node.ID(), App: app, Token: token, Reason: string(why), MonoNs: monoclock.Now(), Time: time.Now()})
+		},
+	}
+	if node, err = server.NewNode(cfg); err != nil {
+		return err
+	}
+	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	err = node.Start(startCtx)
+	cancel()
+	if err != nil {
+		return err
+	}
+	for _, name := range strings.Split(apps, ",") {
+		if name = strings.TrimSpace(name); name == "" {
+			continue
+		}
+		app, err := node.Registry().Register(ctx, name)
+		if err != nil {
+			return fmt.Errorf("register %q: %w", name, err)
+		}
+		logger.Info("app registered", "app_name", name, "app_id", app.ID)
+	}
+	emit(event{Event: "started", Server: node.ID(), Addr: node.Addr(), MonoNs: monoclock.Now(), Time: time.Now()})
+
+	<-ctx.Done()
+	logger.Info("signal received, draining")
+	closeCtx, cancel := context.WithTimeout(context.Background(), 2*ttl+5*time.Second)
+	defer cancel()
+	err = node.Close(closeCtx)
+	ends.Wait()
+	emit(event{Event: "stopped", Server: node.ID(), MonoNs: monoclock.Now(), Time: time.Now()})
+	return err
+}

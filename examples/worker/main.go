@@ -1,0 +1,92 @@
+// Command worker runs baton's discovery for one app as a process of its
+// own and prints every change of the app's current server as one JSON line
+// on stdout; logs go to stderr. SIGINT or SIGTERM stops it.
+//
+//	go run ./examples/worker -app orders -servers 127.0.0.1:7700 -etcd 127.0.0.1:2379
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/monoclock"
+	"github.com/batonhq/baton/worker"
+)
+
+func main() {
+	var (
+		etcd     = flag.String("etcd", "", "comma-separated etcd endpoints (optional: without, the worker polls like PowerJob's)")
+		servers  = flag.String("servers", "", "comma-separated server HTTP addresses")
+		app      = flag.String("app", "", "app name")
+		interval = flag.Duration("interval", 10*time.Second, "polling interval")
+		prefix   = flag.String("prefix", coord.DefaultPrefix, "etcd key prefix")
+		lazy     = flag.Bool("lazy", false, "start even if no server can be found yet")
+		logLevel = flag.String("log-level", "info", "trace, debug, info, warn or error")
+	)
+	flag.Parse()
+	logger := hclog.New(&hclog.LoggerOptions{Name: "worker", Level: hclog.LevelFromString(*logLevel), Output: os.Stderr})
+	if err := run(logger, *etcd, *servers, *app, *prefix, *interval, *lazy); err != nil {
+		logger.Error("worker failed", "error", err)
+		os.Exit(1)
+	}
+}
+
+type line struct {
+	Event    string    `json:"event"` // change, isolated
+	App      string    `json:"app"`
+	Old      string    `json:"old,omitempty"`
+	New      string    `json:"new,omitempty"`
+	ServerID string    `json:"serverId,omitempty"`
+	Token    int64     `json:"token,omitempty"`
+	MonoNs   int64     `json:"monoNs"`
+	Time     time.Time `json:"time"`
+}
+
+func run(logger hclog.Logger, etcd, servers, app, prefix string, interval time.Duration, lazy bool) error {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	out := json.NewEncoder(os.Stdout)
+
+	cfg := worker.DefaultConfig()
+	cfg.AppName, cfg.Prefix, cfg.Interval, cfg.Logger, cfg.AllowLazyConnect = app, prefix, interval, logger, lazy
+	if servers != "" {
+		cfg.Servers = strings.Split(servers, ",")
+	}
+	if etcd != "" {
+		// No probe: a worker must start even while etcd is unreachable.
+		cli, err := clientv3.New(coord.ClientConfig(strings.Split(etcd, ","), logger))
+		if err != nil {
+			return err
+		}
+		defer cli.Close()
+		cfg.Client = cli
+	}
+	// OnChange runs on the discovery goroutine, in order: print from it.
+	cfg.OnChange = func(old, new worker.Server) {
+		_ = out.Encode(line{Event: "change", App: app, Old: old.Address, New: new.Address, ServerID: new.ServerID, Token: new.Token, MonoNs: monoclock.Now(), Time: time.Now()})
+	}
+	cfg.OnIsolated = func() {
+		_ = out.Encode(line{Event: "isolated", App: app, MonoNs: monoclock.Now(), Time: time.Now()})
+	}
+	d, err := worker.New(cfg)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Start(ctx); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	logger.Info("signal received, stopping")
+	return nil
+}
