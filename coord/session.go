@@ -278,7 +278,16 @@ func (s *Session) round(ctx context.Context) roundResult {
 	ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), ttl-margin)
 	defer cancel()
 
+	// Step timings, logged when a round is slow enough to matter.
+	var kaDone, readDone time.Duration
+	defer func() {
+		if total := time.Duration(s.clock.now() - res.start); total > ttl/3 {
+			s.logger.Warn("slow confirmation round", "total", total, "keepalive", kaDone, "read", readDone-kaDone,
+				"watch_progress", total-readDone, "error", res.err)
+		}
+	}()
 	ka, err := s.cli.KeepAliveOnce(ctx, res.lease)
+	kaDone = time.Duration(s.clock.now() - res.start)
 	if err != nil {
 		if isLeaseNotFound(err) {
 			res.err = fmt.Errorf("%w: %x", ErrLeaseLost, res.lease)
@@ -289,6 +298,7 @@ func (s *Session) round(ctx context.Context) roundResult {
 	}
 	res.ttl = time.Duration(ka.TTL) * time.Second
 	get, err := s.cli.Get(ctx, s.cfg.Keys.OwnerPrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
+	readDone = time.Duration(s.clock.now() - res.start)
 	if err != nil {
 		res.err = fmt.Errorf("coord: linearizable read: %w", err)
 		return res
