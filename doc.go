@@ -14,11 +14,9 @@
 //
 //   - coord: key layout, app registry, records, the lease-guarded Session,
 //     membership and the successor choice, an embedded etcd.
-//   - election (to come): per-app election on a server, with fencing and
-//     handover.
-//   - server (to come): a scheduler server node with PowerJob's HTTP
-//     endpoints.
-//   - worker (to come): the worker's discovery loop.
+//   - election: per-app election on a server, with fencing and handover.
+//   - server: a scheduler server node with PowerJob's HTTP endpoints.
+//   - worker: the worker's discovery loop.
 //
 // # Keyspace
 //
