@@ -121,7 +121,11 @@ func (e *Elector) lose(o *ownership, reason Reason) {
 // behind the app's earlier callbacks. Called with e.mu held.
 func (e *Elector) deactivate(o *ownership, reason Reason) {
 	o.active = false
-	o.stamp.at.Store(int64(time.Since(processStart)) + 1)
+	// The ownership ended at the earlier of now and its epoch's deadline:
+	// after a pause (SIGSTOP, GC) the cancellation comes late, but the
+	// owner stopped acting at the deadline (Check refuses from then on).
+	end := min(time.Since(processStart), o.epoch.Deadline().Sub(processStart))
+	o.stamp.at.Store(int64(end) + 1)
 	o.cancel()
 	app, token := o.app, o.token
 	e.logger.Debug("lost", "app_id", app, "token", token, "reason", reason)
@@ -276,11 +280,13 @@ type endStamp struct{ at atomic.Int64 }
 type endStampKey struct{}
 
 // EndedAt reports when the ownership whose OnAcquire context is ctx ended:
-// the instant taken immediately before ctx was cancelled, with Go's
-// monotonic reading, so it compares exactly with time.Now() values of
-// this process. ok is false while ctx is live or
-// if ctx is not an ownership context. Ownership checkers use it to stamp
-// the end of an interval exactly, instead of when a goroutine waiting on
+// the earlier of the instant taken immediately before ctx was cancelled
+// and the guard deadline in force at that moment (after a pause the
+// cancellation comes late, but Ownership.Check refused from the deadline
+// on). It carries Go's monotonic reading, so it compares exactly with
+// time.Now() values of this process. ok is false while ctx is live or if
+// ctx is not an ownership context. Ownership checkers use it to stamp the
+// end of an interval exactly, instead of when a goroutine waiting on
 // ctx.Done happened to be scheduled.
 func EndedAt(ctx context.Context) (at time.Time, ok bool) {
 	s, _ := ctx.Value(endStampKey{}).(*endStamp)

@@ -1,0 +1,162 @@
+package integration
+
+import (
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/batonhq/baton/internal/monoclock"
+)
+
+// nodeEvent is one JSON line of examples/node.
+type nodeEvent struct {
+	Event  string `json:"event"`
+	Server string `json:"server"`
+	App    int64  `json:"app"`
+	Token  int64  `json:"token"`
+	Reason string `json:"reason"`
+	Addr   string `json:"addr"`
+	MonoNs int64  `json:"monoNs"`
+}
+
+// interval is one ownership of one app by one server process, on
+// CLOCK_MONOTONIC: from its acquire to its end stamp (the earlier of the
+// context's cancellation and the guard deadline), or to the instant the
+// process was killed.
+type interval struct {
+	server     string
+	app, token int64
+	start, end int64 // end 0: still open
+}
+
+// checker collects every node's ownership events and checks the
+// guarantees: no two servers' intervals of one app overlap, and tokens of
+// an app strictly increase from one server's ownership to the next.
+type checker struct {
+	mu        sync.Mutex
+	open      map[string]*interval // server/app/token → open interval
+	intervals []*interval
+	changed   chan struct{}
+}
+
+func newChecker() *checker {
+	return &checker{open: map[string]*interval{}, changed: make(chan struct{})}
+}
+
+func key(server string, app, token int64) string { return fmt.Sprintf("%s/%d/%d", server, app, token) }
+
+func (c *checker) add(e nodeEvent) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch e.Event {
+	case "acquire":
+		iv := &interval{server: e.Server, app: e.App, token: e.Token, start: e.MonoNs}
+		c.open[key(e.Server, e.App, e.Token)] = iv
+		c.intervals = append(c.intervals, iv)
+	case "end":
+		if iv := c.open[key(e.Server, e.App, e.Token)]; iv != nil {
+			iv.end = e.MonoNs
+			delete(c.open, key(e.Server, e.App, e.Token))
+		}
+	default:
+		return
+	}
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
+
+// killed closes every open interval of server at the instant it was
+// killed: a dead process acts no more.
+func (c *checker) killed(server string, at int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k, iv := range c.open {
+		if iv.server == server {
+			iv.end = at
+			delete(c.open, k)
+		}
+	}
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
+
+// owners returns, per app, the servers holding an open interval.
+func (c *checker) owners() map[int64][]string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := map[int64][]string{}
+	for _, iv := range c.open {
+		out[iv.app] = append(out[iv.app], iv.server)
+	}
+	return out
+}
+
+// waitOwned waits until every app in apps has exactly one open interval
+// among the servers other than exclude (whose intervals may still be open
+// because it is paused or cut off: its end stamps arrive when it runs
+// again, and verdict checks them then), and returns how long that took.
+func (c *checker) waitOwned(apps []int64, exclude string, timeout time.Duration) (time.Duration, error) {
+	start := time.Now()
+	deadline := time.After(timeout)
+	for {
+		c.mu.Lock()
+		ch := c.changed
+		c.mu.Unlock()
+		owners := c.owners()
+		done := true
+		for _, app := range apps {
+			n := 0
+			for _, s := range owners[app] {
+				if s != exclude {
+					n++
+				}
+			}
+			if n != 1 {
+				done = false
+			}
+		}
+		if done {
+			return time.Since(start), nil
+		}
+		select {
+		case <-ch:
+		case <-deadline:
+			return 0, fmt.Errorf("after %v, owners are %v", timeout, owners)
+		}
+	}
+}
+
+// verdict lists every violation seen so far.
+func (c *checker) verdict() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := monoclock.Now()
+	byApp := map[int64][]*interval{}
+	for _, iv := range c.intervals {
+		byApp[iv.app] = append(byApp[iv.app], iv)
+	}
+	var problems []string
+	for app, ivs := range byApp {
+		sort.Slice(ivs, func(i, j int) bool { return ivs[i].start < ivs[j].start })
+		for i, a := range ivs {
+			aEnd := a.end
+			if aEnd == 0 {
+				aEnd = now
+			}
+			for _, b := range ivs[i+1:] {
+				if b.server != a.server && b.start < aEnd {
+					problems = append(problems, fmt.Sprintf("app %d: %s (token %d) and %s (token %d) overlap by %v",
+						app, a.server, a.token, b.server, b.token, time.Duration(aEnd-b.start)))
+				}
+			}
+			if i > 0 {
+				p := ivs[i-1]
+				if a.token < p.token || a.token == p.token && a.server != p.server {
+					problems = append(problems, fmt.Sprintf("app %d: token %d (%s) follows %d (%s)", app, a.token, a.server, p.token, p.server))
+				}
+			}
+		}
+	}
+	return problems
+}

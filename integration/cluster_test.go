@@ -1,0 +1,238 @@
+package integration
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.etcd.io/etcd/pkg/v3/proxy"
+
+	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/monoclock"
+	"github.com/batonhq/baton/internal/testutil"
+)
+
+const prefix = "/it"
+
+// cluster is a 3-member etcd in this process and server nodes as child
+// processes, each reaching every etcd member through a proxy of its own so
+// that it can be cut off alone.
+type cluster struct {
+	t     *testing.T
+	etcd  *coord.Embedded
+	keys  coord.Keys
+	ttl   time.Duration
+	check *checker
+	nodes map[string]*proc
+	http  *http.Client
+}
+
+// proc is one server process.
+type proc struct {
+	id      string
+	addr    string
+	cmd     *exec.Cmd
+	proxies []proxy.Server
+	done    chan struct{} // closed when its stdout is drained
+	exited  chan struct{} // closed when the process has exited
+}
+
+func newCluster(t *testing.T, ttl time.Duration) *cluster {
+	e := testutil.Etcd(t, 3)
+	keys, _ := coord.NewKeys(prefix)
+	tr := &http.Transport{}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &cluster{t: t, etcd: e, keys: keys, ttl: ttl, check: newChecker(), nodes: map[string]*proc{},
+		http: &http.Client{Transport: tr, Timeout: 5 * time.Second}}
+}
+
+func freeAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// start runs examples/node as id and waits for its "started" line.
+func (c *cluster) start(id string) *proc {
+	t := c.t
+	t.Helper()
+	p := &proc{id: id, addr: freeAddr(t), done: make(chan struct{}), exited: make(chan struct{})}
+	var urls []string
+	for i := range 3 {
+		px, u := testutil.Proxy(t, c.etcd.Endpoint(i))
+		p.proxies = append(p.proxies, px)
+		urls = append(urls, u)
+	}
+	p.cmd = exec.Command(nodeBinary, "-etcd", strings.Join(urls, ","), "-listen", p.addr, "-id", id,
+		"-ttl", c.ttl.String(), "-prefix", prefix, "-log-level", "warn")
+	stdout, err := p.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.cmd.Stderr = logWriter{t: t, logger: testutil.Logger(t).Named(id)}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan struct{})
+	go func() {
+		defer close(p.done)
+		sc := bufio.NewScanner(stdout)
+		once := false
+		for sc.Scan() {
+			var e nodeEvent
+			if json.Unmarshal(sc.Bytes(), &e) != nil {
+				continue
+			}
+			if e.Event == "started" && !once {
+				once = true
+				close(started)
+			}
+			c.check.add(e)
+		}
+		io.Copy(io.Discard, stdout)
+	}()
+	go func() { p.cmd.Wait(); close(p.exited) }()
+	// Cleanups run in reverse: this one (registered after the proxies')
+	// stops the process before its proxies close.
+	t.Cleanup(func() { p.stop() })
+	select {
+	case <-started:
+	case <-p.exited:
+		t.Fatalf("node %s exited at start", id)
+	case <-time.After(30 * time.Second):
+		t.Fatalf("node %s did not start", id)
+	}
+	c.nodes[id] = p
+	return p
+}
+
+// stop ends the process gracefully if it still runs (SIGCONT first, in
+// case it is paused), then by SIGKILL.
+func (p *proc) stop() {
+	select {
+	case <-p.exited:
+	default:
+		p.cmd.Process.Signal(syscall.SIGCONT)
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-p.exited:
+		case <-time.After(15 * time.Second):
+			p.cmd.Process.Kill()
+			<-p.exited
+		}
+	}
+	<-p.done
+}
+
+// kill is a crash: SIGKILL, stamped on CLOCK_MONOTONIC just before the
+// signal so that no interval of the dead process can end later than this.
+func (c *cluster) kill(p *proc) {
+	at := monoclock.Now()
+	p.cmd.Process.Kill()
+	<-p.exited
+	<-p.done
+	c.check.killed(p.id, at)
+}
+
+func (p *proc) signal(s syscall.Signal) {
+	if err := p.cmd.Process.Signal(s); err != nil {
+		panic(err)
+	}
+}
+
+// partition cuts the process off from every etcd member, or heals it.
+func (p *proc) partition(cut bool) {
+	for _, px := range p.proxies {
+		if cut {
+			px.BlackholeTx()
+			px.BlackholeRx()
+		} else {
+			px.UnblackholeTx()
+			px.UnblackholeRx()
+		}
+	}
+}
+
+// register registers n apps and returns their ids.
+func (c *cluster) register(n int) []int64 {
+	reg := coord.NewRegistry(c.etcd.Client(), c.keys)
+	var ids []int64
+	for i := range n {
+		app, err := reg.Register(context.Background(), fmt.Sprintf("app-%d", i))
+		if err != nil {
+			c.t.Fatal(err)
+		}
+		ids = append(ids, app.ID)
+	}
+	return ids
+}
+
+// acquire asks p's /server/acquire for app, as a worker would.
+func (c *cluster) acquire(p *proc, app int64) (string, error) {
+	u := fmt.Sprintf("http://%s/server/acquire?%s", p.addr, url.Values{"appId": {fmt.Sprint(app)}, "protocol": {"HTTP"}}.Encode())
+	resp, err := c.http.Get(u)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	var r struct {
+		Success bool   `json:"success"`
+		Data    string `json:"data"`
+		Message string `json:"message"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
+		return "", err
+	}
+	if !r.Success {
+		return "", fmt.Errorf("%s", r.Message)
+	}
+	return r.Data, nil
+}
+
+// ownAll has p elect itself for every app and waits until it acts for
+// them.
+func (c *cluster) ownAll(p *proc, apps []int64) {
+	c.t.Helper()
+	for _, app := range apps {
+		if addr, err := c.acquire(p, app); err != nil || addr != p.addr {
+			c.t.Fatalf("acquire app %d on %s: %q, %v", app, p.id, addr, err)
+		}
+	}
+	if _, err := c.check.waitOwned(apps, "", 10*time.Second); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// assertVerdict fails the test on any violation the checker saw.
+func (c *cluster) assertVerdict() {
+	c.t.Helper()
+	for _, p := range c.check.verdict() {
+		c.t.Error(p)
+	}
+}
+
+// logWriter forwards a child's stderr to the test log.
+type logWriter struct {
+	t      *testing.T
+	logger interface{ Info(string, ...any) }
+}
+
+func (w logWriter) Write(b []byte) (int, error) {
+	for _, line := range strings.Split(strings.TrimRight(string(b), "\n"), "\n") {
+		w.logger.Info(line)
+	}
+	return len(b), nil
+}
