@@ -144,4 +144,3 @@ func followed(t *testing.T, c *cluster, workers []*worker.Discovery) {
 		return true
 	})
 }
-
