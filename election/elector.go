@@ -308,6 +308,7 @@ func (e *Elector) epochLoop() {
 		}
 		ep = next
 		e.reclaim()
+		e.reconsiderOrphans() // takeovers refused while unconfirmed
 	}
 }
 

@@ -119,22 +119,33 @@ func (e *Elector) takeoverLoop() {
 }
 
 // membersLoop reconsiders orphaned apps whenever the live-server set
-// changes: a successor that died before taking its apps over is replaced
-// by the next one.
+// changes — a successor that died before taking its apps over is replaced
+// by the next one — and once a second while orphans are left, so that a
+// takeover that failed (this server was not confirmed yet, say right
+// after etcd came back) is tried again. It touches etcd only when there is
+// an orphan this server should take.
 func (e *Elector) membersLoop() {
 	changed := e.members.Changed()
+	sweep := time.NewTicker(time.Second)
+	defer sweep.Stop()
 	for {
 		select {
 		case <-changed:
+		case <-sweep.C:
 		case <-e.ctx.Done():
 			return
 		}
 		changed = e.members.Changed() // before reading: no change slips by
-		e.mu.Lock()
-		for app, o := range e.takeover.orphans {
-			e.considerTakeover(app, o.prevOwner)
-		}
-		e.mu.Unlock()
+		e.reconsiderOrphans()
+	}
+}
+
+// reconsiderOrphans queues every orphan this server is now successor of.
+func (e *Elector) reconsiderOrphans() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for app, o := range e.takeover.orphans {
+		e.considerTakeover(app, o.prevOwner)
 	}
 }
 

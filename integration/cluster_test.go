@@ -40,9 +40,10 @@ type cluster struct {
 // proc is one server process.
 type proc struct {
 	id      string
-	addr    string
+	addr    string // where workers (and tests) reach it
 	cmd     *exec.Cmd
 	proxies []proxy.Server
+	peer    proxy.Server // in front of addr for the other servers: cut it to part them
 	done    chan struct{} // closed when its stdout is drained
 	exited  chan struct{} // closed when the process has exited
 }
@@ -76,7 +77,12 @@ func (c *cluster) start(id string) *proc {
 		p.proxies = append(p.proxies, px)
 		urls = append(urls, u)
 	}
+	// Other servers ping it through a proxy of their own (its advertised
+	// address); workers use its listen address (its external address).
+	peer, peerURL := testutil.Proxy(t, "http://"+p.addr)
+	p.peer = peer
 	p.cmd = exec.Command(nodeBinary, "-etcd", strings.Join(urls, ","), "-listen", p.addr, "-id", id,
+		"-advertise", strings.TrimPrefix(peerURL, "http://"), "-external", p.addr,
 		"-ttl", c.ttl.String(), "-prefix", prefix, "-log-level", "warn")
 	stdout, err := p.cmd.StdoutPipe()
 	if err != nil {
@@ -163,6 +169,18 @@ func (p *proc) partition(cut bool) {
 			px.UnblackholeTx()
 			px.UnblackholeRx()
 		}
+	}
+}
+
+// partitionFromPeers cuts the process off from the other servers only
+// (their pings), or heals it.
+func (p *proc) partitionFromPeers(cut bool) {
+	if cut {
+		p.peer.BlackholeTx()
+		p.peer.BlackholeRx()
+	} else {
+		p.peer.UnblackholeTx()
+		p.peer.UnblackholeRx()
 	}
 }
 

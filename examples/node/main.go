@@ -30,7 +30,8 @@ func main() {
 	var (
 		etcd       = flag.String("etcd", "127.0.0.1:2379", "comma-separated etcd endpoints")
 		listen     = flag.String("listen", "127.0.0.1:7700", "HTTP listen address")
-		advertise  = flag.String("advertise", "", "HTTP address workers and servers use (default: from -listen)")
+		advertise  = flag.String("advertise", "", "HTTP address other servers (and workers, without -external) use (default: from -listen)")
+		external   = flag.String("external", "", "HTTP address workers use, when it differs from -advertise (NAT)")
 		id         = flag.String("id", "", "server id (default: hostname-random)")
 		ttl        = flag.Duration("ttl", 5*time.Second, "lease TTL, whole seconds")
 		prefix     = flag.String("prefix", coord.DefaultPrefix, "etcd key prefix")
@@ -40,7 +41,10 @@ func main() {
 	)
 	flag.Parse()
 	logger := hclog.New(&hclog.LoggerOptions{Name: "node", Level: hclog.LevelFromString(*logLevel), Output: os.Stderr})
-	if err := run(logger, *etcd, *listen, *advertise, *id, *ttl, *prefix, *apps, *adminToken); err != nil {
+	if *external != "" && *advertise == "" {
+		*advertise = *listen
+	}
+	if err := run(logger, *etcd, *listen, *advertise, *external, *id, *ttl, *prefix, *apps, *adminToken); err != nil {
 		logger.Error("node failed", "error", err)
 		os.Exit(1)
 	}
@@ -70,7 +74,7 @@ func emit(e event) {
 	_ = out.Encode(e)
 }
 
-func run(logger hclog.Logger, etcd, listen, advertise, id string, ttl time.Duration, prefix, apps, adminToken string) error {
+func run(logger hclog.Logger, etcd, listen, advertise, external, id string, ttl time.Duration, prefix, apps, adminToken string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -85,7 +89,7 @@ func run(logger hclog.Logger, etcd, listen, advertise, id string, ttl time.Durat
 	cfg.Client, cfg.Prefix, cfg.ServerID, cfg.TTL, cfg.Listen = cli, prefix, id, ttl, listen
 	cfg.AdminToken, cfg.Logger = adminToken, logger
 	if advertise != "" {
-		cfg.Protocols = coord.Protocols{coord.ProtocolHTTP: {Address: advertise}}
+		cfg.Protocols = coord.Protocols{coord.ProtocolHTTP: {Address: advertise, ExternalAddress: external}}
 	}
 	var node *server.Node
 	var ends sync.WaitGroup
