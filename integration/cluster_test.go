@@ -43,7 +43,7 @@ type proc struct {
 	addr    string // where workers (and tests) reach it
 	cmd     *exec.Cmd
 	proxies []proxy.Server
-	peer    proxy.Server // in front of addr for the other servers: cut it to part them
+	peer    proxy.Server  // in front of addr for the other servers: cut it to part them
 	done    chan struct{} // closed when its stdout is drained
 	exited  chan struct{} // closed when the process has exited
 }
