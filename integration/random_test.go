@@ -17,7 +17,8 @@ import (
 // TestRandomFaults runs three server processes, twenty apps and ten
 // workers through a seeded random sequence of faults — SIGKILL and
 // restart, SIGSTOP and SIGCONT, a partition from etcd and its healing, an
-// etcd follower stopped and restarted — for 40 s (BATON_SOAK=10m for
+// etcd follower stopped and restarted, with a compaction of the whole
+// keyspace after each — for 40 s (BATON_SOAK=10m for
 // longer; BATON_SEED=n replays a run). After each fault heals, every app
 // must have one owner within TTL + 1 s (+ slack for CI) and every worker
 // must point at its app's owner; at the end the checker must find no
@@ -120,6 +121,14 @@ func TestRandomFaults(t *testing.T) {
 		}
 		t.Logf("step %d: %s, held %v: every app owned %v after healing", step, what, hold.Round(time.Millisecond), took.Round(time.Millisecond))
 		followed(t, c, workers)
+		// Compact everything while the servers and workers watch: their
+		// watches are synced, so nothing may break; a watch that was
+		// behind must recover by reading again.
+		if cur, err := c.etcd.Client().Get(ctx, "compact-marker"); err == nil {
+			if _, err := c.etcd.Client().Compact(ctx, cur.Header.Revision); err != nil {
+				t.Logf("compact at %d: %v", cur.Header.Revision, err)
+			}
+		}
 		if problems := c.check.verdict(); len(problems) > 0 {
 			for _, p := range problems {
 				t.Error(p)

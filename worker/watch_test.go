@@ -62,15 +62,20 @@ func TestHundredWorkersFollowAHandover(t *testing.T) {
 	want := nodes[to].Addr()
 	var lags []time.Duration
 	for i, w := range workers {
-		w.wait(t, 5*time.Second, "the worker to follow", func() bool { return w.current() == want })
+		// Current moves before OnChange runs: wait for the callback.
+		w.wait(t, 5*time.Second, "the worker to follow", func() bool {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			return len(w.changes) > 0 && w.changes[len(w.changes)-1].new.Address == want
+		})
 		w.mu.Lock()
-		n := len(w.changes)
-		at := w.changes[n-1].at
+		changes := append([]change(nil), w.changes...)
 		w.mu.Unlock()
+		n, at := len(changes), changes[len(changes)-1].at
 		// The first change is Start's (none → first owner); the handover
 		// must add exactly one more, straight to the new owner.
-		if n != 2 || w.changes[1].old.Address != first {
-			t.Errorf("worker %d changed %d times (%+v), want once after start", i, n-1, w.changes)
+		if n != 2 || changes[1].old.Address != first {
+			t.Errorf("worker %d changed %d times (%+v), want once after start", i, n-1, changes)
 		}
 		lags = append(lags, max(at.Sub(put), 0))
 	}
