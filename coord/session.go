@@ -171,14 +171,18 @@ func (s *Session) startLease(ctx context.Context) error {
 		s.logger.Info("etcd granted a longer ttl than asked", "asked", s.cfg.TTL, "granted", ttl)
 	}
 	s.logger.Debug("lease granted", "lease", fmt.Sprintf("%x", grant.ID), "ttl", ttl)
+	var last error // the last failure not caused by ctx ending mid-call
 	for s.cfg.OnLease != nil {
 		err := s.cfg.OnLease(ctx, grant.ID)
 		if err == nil {
 			break
 		}
+		if ctx.Err() == nil || last == nil {
+			last = err
+		}
 		s.logger.Warn("lease callback failed, retrying", "error", err)
 		if sleep(ctx, s.retryPause()) != nil {
-			return fmt.Errorf("coord: lease callback: %w", err)
+			return fmt.Errorf("coord: lease callback: %w", last)
 		}
 	}
 	return nil
