@@ -31,8 +31,10 @@ func ClientConfig(endpoints []string, logger hclog.Logger) clientv3.Config {
 		DialTimeout:          5 * time.Second,
 		DialKeepAliveTime:    10 * time.Second,
 		DialKeepAliveTimeout: 2 * time.Second,
-		PermitWithoutStream:  true,
-		Logger:               ZapLogger(logger, zapcore.WarnLevel),
+		// No pings while the client has no stream: etcd answers those with
+		// GOAWAY "too_many_pings", and an idle client has nothing to protect.
+		PermitWithoutStream: false,
+		Logger:              ZapLogger(logger, zapcore.WarnLevel),
 		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff: backoff.Config{
 				BaseDelay:  100 * time.Millisecond,
