@@ -64,9 +64,10 @@ type Members struct {
 	keys   Keys
 	logger hclog.Logger
 
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	ctx       context.Context
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	stopWatch context.CancelFunc // the current watch's; only run touches it after start
 
 	mu      sync.RWMutex
 	servers map[string]ServerRecord
@@ -80,13 +81,41 @@ func WatchMembers(ctx context.Context, cli *clientv3.Client, keys Keys, logger h
 		logger = hclog.NewNullLogger()
 	}
 	m := &Members{cli: cli, keys: keys, logger: logger.Named("members"), changed: make(chan struct{})}
-	rev, err := m.load(ctx)
+	m.ctx, m.cancel = context.WithCancel(context.Background())
+	wch, rev, err := m.sync(ctx)
 	if err != nil {
+		m.cancel()
 		return nil, err
 	}
-	m.ctx, m.cancel = context.WithCancel(context.Background())
-	m.wg.Go(func() { m.run(rev) })
+	m.wg.Go(func() { m.run(wch, rev) })
 	return m, nil
+}
+
+// sync starts a watch of the prefix from the current revision, waits until
+// etcd has created it, then reads the set. A watch that starts at the
+// current revision is "synced" in etcd and gets events as they happen; one
+// started from an older revision waits for etcd's catch-up loop (every
+// 100 ms). Events at or below the returned revision are in the read.
+func (m *Members) sync(ctx context.Context) (clientv3.WatchChan, int64, error) {
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(m.ctx))
+	wch := m.cli.Watch(wctx, m.keys.ServerPrefix(), clientv3.WithPrefix(), clientv3.WithCreatedNotify())
+	select {
+	case resp, ok := <-wch:
+		if !ok || resp.Err() != nil || !resp.Created {
+			cancel()
+			return nil, 0, fmt.Errorf("coord: watch servers: %v", resp.Err())
+		}
+	case <-ctx.Done():
+		cancel()
+		return nil, 0, ctx.Err()
+	}
+	rev, err := m.load(ctx)
+	if err != nil {
+		cancel()
+		return nil, 0, err
+	}
+	m.stopWatch = cancel
+	return wch, rev, nil
 }
 
 // load replaces the set with what etcd has now and returns its revision.
@@ -125,28 +154,28 @@ func (m *Members) decode(key, val []byte) (ServerRecord, bool) {
 }
 
 // run follows the watch; a closed or failed watch (compaction, leader
-// loss, disconnection) is answered with a fresh read of the whole set and
-// a new watch from that read's revision, so nothing missed survives.
-func (m *Members) run(rev int64) {
+// loss, disconnection) is answered with a new watch and a fresh read of
+// the whole set, so nothing missed survives.
+func (m *Members) run(wch clientv3.WatchChan, rev int64) {
+	defer func() { m.stopWatch() }()
 	for {
-		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(m.ctx))
-		for resp := range m.cli.Watch(wctx, m.keys.ServerPrefix(), clientv3.WithPrefix(), clientv3.WithRev(rev+1)) {
+		for resp := range wch {
 			if err := resp.Err(); err != nil {
 				m.logger.Debug("server watch broke, reading again", "error", err)
 				break
 			}
-			m.apply(resp.Events)
+			m.apply(resp.Events, rev)
 		}
-		cancel()
+		m.stopWatch()
 		for {
 			if m.ctx.Err() != nil {
 				return
 			}
 			ctx, cancel := context.WithTimeout(m.ctx, 5*time.Second)
-			r, err := m.load(ctx)
+			var err error
+			wch, rev, err = m.sync(ctx)
 			cancel()
 			if err == nil {
-				rev = r
 				break
 			}
 			m.logger.Debug("reading servers failed, retrying", "error", err)
@@ -157,12 +186,15 @@ func (m *Members) run(rev int64) {
 	}
 }
 
-func (m *Members) apply(events []*clientv3.Event) {
+func (m *Members) apply(events []*clientv3.Event, readRev int64) {
 	if len(events) == 0 {
 		return
 	}
 	m.mu.Lock()
 	for _, ev := range events {
+		if ev.Kv.ModRevision <= readRev {
+			continue // already in the read
+		}
 		switch ev.Type {
 		case clientv3.EventTypePut:
 			if rec, ok := m.decode(ev.Kv.Key, ev.Kv.Value); ok {

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"math/rand/v2"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -142,8 +143,9 @@ type loop struct {
 	d            *Discovery
 	watchCh      clientv3.WatchChan // nil while not watching
 	stopWatch    context.CancelFunc
-	gen          uint64 // bumped at every etcd event: older rounds are stale
-	skipUpTo     int64  // events at or below this revision are in the last read
+	gen          uint64           // bumped at every etcd event: older rounds are stale
+	skipUpTo     int64            // events at or below this revision are in the last read
+	askSoon      <-chan time.Time // a round after an owner-key deletion
 	rounds       chan roundOutcome
 	roundRunning bool
 	searching    bool // etcd shows no usable owner: poll until one appears
@@ -181,6 +183,11 @@ func (d *Discovery) run(st startState) {
 			l.apply(resp.Events)
 		case out := <-l.rounds:
 			l.finished(out)
+		case <-l.askSoon:
+			l.askSoon = nil
+			if l.searching {
+				l.startRound()
+			}
 		case <-timer:
 			timer = d.cfg.Clock.After(d.cfg.Interval)
 			if l.watchCh == nil || l.searching {
@@ -269,10 +276,21 @@ func (l *loop) apply(events []*clientv3.Event) {
 			}
 			d.logger.Warn("owner record unusable; asking the servers", "error", err)
 		}
+		// The owner left. Its successor is electing itself right now and
+		// its put usually arrives within milliseconds; give it a short,
+		// jittered moment before asking over HTTP, so that a thousand
+		// workers of one app do not all hit the successor (and etcd) at
+		// the instant it is busiest. A put cancels the round.
 		l.searching = true
-		l.startRound()
+		if l.askSoon == nil {
+			l.askSoon = time.After(deleteGrace/2 + time.Duration(rand.Int64N(int64(deleteGrace))))
+		}
 	}
 }
+
+// deleteGrace spreads the HTTP rounds that follow an owner-key deletion
+// over [deleteGrace/2, 1.5×deleteGrace).
+const deleteGrace = 100 * time.Millisecond
 
 // startRound runs a discovery round in its own goroutine unless one is
 // running already.
