@@ -435,7 +435,7 @@ func etcdRPCs(b *testing.B) map[string]float64 {
 	return out
 }
 
-func sumMetric(b *testing.B, reg *prometheus.Registry, name string) float64 {
+func sumMetric(b testing.TB, reg *prometheus.Registry, name string) float64 {
 	fams, err := reg.Gather()
 	if err != nil {
 		b.Fatal(err)

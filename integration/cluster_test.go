@@ -40,10 +40,12 @@ type cluster struct {
 // proc is one server process.
 type proc struct {
 	id      string
-	addr    string // where workers (and tests) reach it
+	addr    string // where it listens; tests call it here
 	cmd     *exec.Cmd
 	proxies []proxy.Server
 	peer    proxy.Server  // in front of addr for the other servers: cut it to part them
+	front   proxy.Server  // in front of addr for workers: cut it to part them
+	public  string        // front's address: what workers are told (-external)
 	done    chan struct{} // closed when its stdout is drained
 	exited  chan struct{} // closed when the process has exited
 }
@@ -81,8 +83,10 @@ func (c *cluster) start(id string) *proc {
 	// address); workers use its listen address (its external address).
 	peer, peerURL := testutil.Proxy(t, "http://"+p.addr)
 	p.peer = peer
+	front, frontURL := testutil.Proxy(t, "http://"+p.addr)
+	p.front, p.public = front, strings.TrimPrefix(frontURL, "http://")
 	p.cmd = exec.Command(nodeBinary, "-etcd", strings.Join(urls, ","), "-listen", p.addr, "-id", id,
-		"-advertise", strings.TrimPrefix(peerURL, "http://"), "-external", p.addr,
+		"-advertise", strings.TrimPrefix(peerURL, "http://"), "-external", p.public,
 		"-ttl", c.ttl.String(), "-prefix", prefix, "-log-level", "warn")
 	stdout, err := p.cmd.StdoutPipe()
 	if err != nil {
@@ -225,13 +229,23 @@ func (c *cluster) acquire(p *proc, app int64) (string, error) {
 func (c *cluster) ownAll(p *proc, apps []int64) {
 	c.t.Helper()
 	for _, app := range apps {
-		if addr, err := c.acquire(p, app); err != nil || addr != p.addr {
+		if addr, err := c.acquire(p, app); err != nil || addr != p.public {
 			c.t.Fatalf("acquire app %d on %s: %q, %v", app, p.id, addr, err)
 		}
 	}
 	if _, err := c.check.waitOwned(apps, "", 10*time.Second); err != nil {
 		c.t.Fatal(err)
 	}
+}
+
+// ownerKey reads app's owner key: server id and token.
+func (c *cluster) ownerKey(app int64) (string, int64) {
+	resp, err := c.etcd.Client().Get(context.Background(), c.keys.Owner(app))
+	if err != nil || len(resp.Kvs) == 0 {
+		return "", 0
+	}
+	rec, _ := coord.DecodeOwnerRecord(resp.Kvs[0].Value)
+	return rec.ServerID, resp.Kvs[0].ModRevision
 }
 
 // assertVerdict fails the test on any violation the checker saw.

@@ -5,6 +5,11 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/batonhq/baton/internal/testutil"
+	"github.com/batonhq/baton/worker"
 )
 
 // Each fault: three server processes, ten apps owned by n1, then the
@@ -158,7 +163,7 @@ func TestOwnerPartitionedFromOtherServers(t *testing.T) {
 	asked := time.Now()
 	for _, app := range apps {
 		addr, err := c.acquire(ps[1], app)
-		if err != nil || addr != ps[1].addr {
+		if err != nil || addr != ps[1].public {
 			t.Fatalf("acquire app %d on n2 with n1 unreachable: %q, %v", app, addr, err)
 		}
 	}
@@ -209,5 +214,57 @@ func TestAllEtcdMembersDownFor2TTL(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("etcd back: every app owned again %v after all members were restarted (%v after the first)", took, time.Since(healed))
+	c.assertVerdict()
+}
+
+// TestWorkerPartitionedFromItsServer: one worker cannot reach the owner
+// (its traffic fails and it reports so), while the servers can. The other
+// servers ping the owner, find it alive and send the worker back to it:
+// nothing moves, no token changes, no other server starts acting.
+func TestWorkerPartitionedFromItsServer(t *testing.T) {
+	c, ps, apps := setup(t)
+	app := apps[0]
+	_, before := c.ownerKey(app)
+	var servers []string
+	for _, p := range ps {
+		servers = append(servers, p.public)
+	}
+	cfg := worker.DefaultConfig()
+	cfg.AppName, cfg.Prefix, cfg.Servers = "app-0", prefix, servers
+	cfg.Interval, cfg.RequestTimeout, cfg.PingTimeout = 300*time.Millisecond, 500*time.Millisecond, 300*time.Millisecond
+	rounds := prometheus.NewRegistry()
+	cfg.Registerer = rounds
+	w, err := worker.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	if cur, _ := w.Current(); cur.Address != ps[0].public {
+		t.Fatalf("worker at %q, owner n1 at %s", cur.Address, ps[0].public)
+	}
+
+	ps[0].front.BlackholeTx()
+	ps[0].front.BlackholeRx()
+	w.ReportUnreachable(ps[0].public) // the worker's own traffic failed
+	// Let several polling rounds go by, each asking n1 (times out) and
+	// then the others, who vouch for n1.
+	testutil.Eventually(t, 15*time.Second, "five discovery rounds", func() bool {
+		return sumMetric(t, rounds, "baton_worker_rounds_total") >= 5
+	})
+	ps[0].front.UnblackholeTx()
+	ps[0].front.UnblackholeRx()
+
+	if cur, _ := w.Current(); cur.Address != ps[0].public {
+		t.Errorf("worker moved to %q although n1 still owns the app", cur.Address)
+	}
+	if owner, after := c.ownerKey(app); owner != "n1" || after != before {
+		t.Errorf("ownership changed: %s token %d (was n1, %d)", owner, after, before)
+	}
+	if owners := c.check.owners()[app]; len(owners) != 1 || owners[0] != "n1" {
+		t.Errorf("acting owners of app %d: %v", app, owners)
+	}
 	c.assertVerdict()
 }

@@ -64,7 +64,7 @@ func TestRandomFaults(t *testing.T) {
 		cfg.AppName, cfg.Client, cfg.Prefix = fmt.Sprintf("app-%d", i*2), cli, prefix
 		cfg.Interval, cfg.RequestTimeout, cfg.PingTimeout = 500*time.Millisecond, time.Second, 500*time.Millisecond
 		for _, id := range ids {
-			cfg.Servers = append(cfg.Servers, c.nodes[id].addr)
+			cfg.Servers = append(cfg.Servers, c.nodes[id].public)
 		}
 		d, err := worker.New(cfg)
 		if err != nil {
@@ -146,7 +146,7 @@ func followed(t *testing.T, c *cluster, workers []*worker.Discovery) {
 		for _, w := range workers {
 			cur, ok := w.Current()
 			server := owners[w.AppID()]
-			if !ok || len(server) != 1 || c.nodes[server[0]].addr != cur.Address {
+			if !ok || len(server) != 1 || c.nodes[server[0]].public != cur.Address {
 				return false
 			}
 		}
