@@ -11,6 +11,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/batonhq/baton/internal/backoff"
 )
 
 // ErrServerIDTaken: another live lease holds the server id.
@@ -179,7 +181,7 @@ func (m *Members) run(wch clientv3.WatchChan, rev int64) {
 				break
 			}
 			m.logger.Debug("reading servers failed, retrying", "error", err)
-			if sleep(m.ctx, 200*time.Millisecond) != nil {
+			if backoff.Sleep(m.ctx, 200*time.Millisecond) != nil {
 				return
 			}
 		}

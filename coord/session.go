@@ -10,6 +10,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/batonhq/baton/internal/backoff"
 )
 
 // SessionConfig configures a Session. Durations derived from the TTL are
@@ -181,7 +183,7 @@ func (s *Session) startLease(ctx context.Context) error {
 			last = err
 		}
 		s.logger.Warn("lease callback failed, retrying", "error", err)
-		if sleep(ctx, s.retryPause()) != nil {
+		if backoff.Sleep(ctx, s.retryPause()) != nil {
 			return fmt.Errorf("coord: lease callback: %w", last)
 		}
 	}
@@ -199,7 +201,7 @@ func (s *Session) confirmFirst(ctx context.Context) error {
 		if errors.Is(res.err, ErrLeaseLost) {
 			return res.err
 		}
-		if err := sleep(ctx, s.retryPause()); err != nil {
+		if err := backoff.Sleep(ctx, s.retryPause()); err != nil {
 			return fmt.Errorf("%w (last round: %w)", err, res.err)
 		}
 	}
@@ -251,7 +253,7 @@ func (s *Session) renew() error {
 			return s.ctx.Err()
 		}
 		s.logger.Warn("could not start a new lease, retrying", "error", err)
-		if err := sleep(s.ctx, s.retryPause()); err != nil {
+		if err := backoff.Sleep(s.ctx, s.retryPause()); err != nil {
 			return err
 		}
 	}
@@ -492,16 +494,4 @@ func (s *Session) revoke(ctx context.Context) error {
 func isLeaseNotFound(err error) bool {
 	return errors.Is(err, rpctypes.ErrLeaseNotFound) || errors.Is(err, rpctypes.ErrGRPCLeaseNotFound) ||
 		rpctypes.ErrorDesc(err) == rpctypes.ErrGRPCLeaseNotFound.Error()
-}
-
-// sleep waits for d or until ctx ends.
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }

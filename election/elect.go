@@ -168,7 +168,7 @@ func (e *Elector) elect(ctx context.Context, app int64) (owner, error) {
 	var last error
 	for attempt := 0; attempt < e.cfg.RetryTimes; attempt++ {
 		if attempt > 0 {
-			if err := sleep(ctx, backoff.Jittered(attempt-1, e.cfg.RetryBase, time.Second)); err != nil {
+			if err := backoff.Sleep(ctx, backoff.Jittered(attempt-1, e.cfg.RetryBase, time.Second)); err != nil {
 				return owner{}, err
 			}
 		}

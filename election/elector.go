@@ -11,6 +11,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/backoff"
 )
 
 // Elector runs the per-app election of one server on its coord.Session.
@@ -150,7 +151,7 @@ func (e *Elector) watchLoop(rev int64) {
 				break
 			}
 			e.logger.Debug("reading owner keys failed, retrying", "error", err)
-			if sleep(e.ctx, 200*time.Millisecond) != nil {
+			if backoff.Sleep(e.ctx, 200*time.Millisecond) != nil {
 				return
 			}
 		}
@@ -400,17 +401,5 @@ func (e *Elector) leaveMembership(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		}
-	}
-}
-
-// sleep waits for d or until ctx ends.
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
 	}
 }

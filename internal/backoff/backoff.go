@@ -1,7 +1,8 @@
-// Package backoff computes jittered retry pauses.
+// Package backoff computes jittered retry pauses and waits them out.
 package backoff
 
 import (
+	"context"
 	"math/rand/v2"
 	"time"
 )
@@ -20,4 +21,17 @@ func Jittered(attempt int, base, max time.Duration) time.Duration {
 	}
 	half := d / 2
 	return half + rand.N(d-half+1)
+}
+
+// Sleep waits for d or until ctx ends, whichever comes first, and returns
+// ctx.Err() in the second case.
+func Sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
