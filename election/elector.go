@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/backoff"
@@ -35,9 +38,10 @@ type Elector struct {
 
 	ctx      context.Context // ends at Close
 	cancel   context.CancelFunc
-	watchCtx context.Context // the owner watch's context; RequestProgress needs it
-	loops    sync.WaitGroup  // watch, epoch and takeover loops
-	calls    sync.WaitGroup  // callback runners
+	watchCtx atomic.Pointer[context.Context] // the owner watch's context; RequestProgress needs it
+	rewatch  chan struct{}                   // capacity 1: start the owner watch afresh
+	loops    sync.WaitGroup                  // watch, epoch and takeover loops
+	calls    sync.WaitGroup                  // callback runners
 
 	mu        sync.Mutex
 	table     map[int64]ownerKey   // every app's owner key, as the watch shows it
@@ -96,14 +100,20 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 		return nil, err
 	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
-	e.watchCtx = clientv3.WithRequireLeader(e.ctx)
+	e.rewatch = make(chan struct{}, 1)
 	rev, err := e.reload(ctx)
 	if err != nil {
 		e.cancel()
 		e.members.Close()
 		return nil, err
 	}
-	e.session.AttachWatch(func(ctx context.Context) error { return e.cli.RequestProgress(e.watchCtx) })
+	e.session.AttachWatch(func(ctx context.Context) error {
+		wctx := e.watchCtx.Load()
+		if wctx == nil {
+			return errors.New("election: owner watch not started")
+		}
+		return e.cli.RequestProgress(*wctx)
+	})
 	e.loops.Go(func() { e.watchLoop(rev) })
 	e.loops.Go(e.epochLoop)
 	e.loops.Go(e.membersLoop)
@@ -127,18 +137,39 @@ func (e *Elector) ServerID() string { return e.cfg.ServerID }
 // response is applied, the session is told how far the watch has got:
 // that is step 2 of the guard, and it is only sound because every event is
 // applied — depositions included — before the report.
+//
+// When the guard fires, the watch is also started afresh, on a gRPC stream
+// of its own (a new metadata generation): a watch that silently stopped
+// delivering would otherwise keep every round from confirming while the
+// rounds' keepalives keep the lease — and with it this server's place as
+// successor — alive.
 func (e *Elector) watchLoop(rev int64) {
-	for {
+	for gen := 1; ; gen++ {
+		md := metadata.AppendToOutgoingContext(clientv3.WithRequireLeader(e.ctx), "baton-owner-watch", strconv.Itoa(gen))
+		wctx, cancel := context.WithCancel(md)
+		e.watchCtx.Store(&wctx)
 		opts := []clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithRev(rev + 1), clientv3.WithPrevKV()}
-		for resp := range e.cli.Watch(e.watchCtx, e.keys.OwnerPrefix(), opts...) {
-			if err := resp.Err(); err != nil {
-				e.logger.Debug("owner watch broke, reading again", "error", err)
-				break
+		wch := e.cli.Watch(wctx, e.keys.OwnerPrefix(), opts...)
+	follow:
+		for {
+			select {
+			case resp, ok := <-wch:
+				if !ok || resp.Err() != nil {
+					e.logger.Debug("owner watch broke, reading again", "error", resp.Err())
+					break follow
+				}
+				e.observe(resp.Events)
+				rev = resp.Header.Revision
+				e.session.WatchCaughtUp(rev)
+			case <-e.rewatch:
+				e.logger.Info("guard unconfirmed: restarting the owner watch on a new stream")
+				break follow
+			case <-e.ctx.Done():
+				cancel()
+				return
 			}
-			e.observe(resp.Events)
-			rev = resp.Header.Revision
-			e.session.WatchCaughtUp(rev)
 		}
+		cancel()
 		for {
 			if e.ctx.Err() != nil {
 				return
@@ -300,6 +331,10 @@ func (e *Elector) epochLoop() {
 		default:
 			for _, o := range e.mine {
 				e.suspend(o)
+			}
+			select {
+			case e.rewatch <- struct{}{}:
+			default:
 			}
 		}
 		e.mu.Unlock()

@@ -164,14 +164,19 @@ func (p *proc) signal(s syscall.Signal) {
 }
 
 // partition cuts the process off from every etcd member, or heals it.
+// The proxies hold the traffic (pause) rather than drop it (blackhole): a
+// real partition loses no bytes of a TCP stream, TCP retransmits them
+// once it heals, while pkg/proxy's blackhole drops bytes mid-stream and
+// leaves HTTP/2 connections corrupt (PROTOCOL_ERROR) until gRPC's
+// keepalive replaces them ~12 s later.
 func (p *proc) partition(cut bool) {
 	for _, px := range p.proxies {
 		if cut {
-			px.BlackholeTx()
-			px.BlackholeRx()
+			px.PauseTx()
+			px.PauseRx()
 		} else {
-			px.UnblackholeTx()
-			px.UnblackholeRx()
+			px.UnpauseTx()
+			px.UnpauseRx()
 		}
 	}
 }
@@ -180,11 +185,11 @@ func (p *proc) partition(cut bool) {
 // (their pings), or heals it.
 func (p *proc) partitionFromPeers(cut bool) {
 	if cut {
-		p.peer.BlackholeTx()
-		p.peer.BlackholeRx()
+		p.peer.PauseTx()
+		p.peer.PauseRx()
 	} else {
-		p.peer.UnblackholeTx()
-		p.peer.UnblackholeRx()
+		p.peer.UnpauseTx()
+		p.peer.UnpauseRx()
 	}
 }
 
