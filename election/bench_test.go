@@ -40,19 +40,25 @@ func putBaseline(b *testing.B, c *cluster, n int) time.Duration {
 	return samples[len(samples)/2]
 }
 
-// BenchmarkRevokeToNewOwner: the owner's lease is revoked from outside;
-// time until the app's successor acts for it (its OnAcquire ran).
-// Run with -benchtime=20x for the median of 20.
-func BenchmarkRevokeToNewOwner(b *testing.B) {
+// oneOwnedApp starts three electors and has the first own one app.
+func oneOwnedApp(b *testing.B) (*cluster, int64) {
 	c := newCluster(b, 1, 2*time.Second)
 	for _, id := range []string{"s1", "s2", "s3"} {
 		c.addNode(id)
 	}
 	app := c.register(b, "bench")[0]
-	ctx := context.Background()
-	if _, err := c.nodes[0].el.Elect(ctx, app, coord.ProtocolHTTP, ""); err != nil {
+	if _, err := c.nodes[0].el.Elect(context.Background(), app, coord.ProtocolHTTP, ""); err != nil {
 		b.Fatal(err)
 	}
+	return c, app
+}
+
+// BenchmarkRevokeToNewOwner: the owner's lease is revoked from outside;
+// time until the app's successor acts for it (its OnAcquire ran).
+// Run with -benchtime=20x for the median of 20.
+func BenchmarkRevokeToNewOwner(b *testing.B) {
+	c, app := oneOwnedApp(b)
+	ctx := context.Background()
 	var samples []time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
@@ -110,15 +116,8 @@ func waitMembers(b *testing.B, c *cluster, n int) {
 // BenchmarkHandOver: HandOver of an owned app until its successor owns
 // it. Reports p50/p99 and the ratio of the median to a plain etcd put's.
 func BenchmarkHandOver(b *testing.B) {
-	c := newCluster(b, 1, 2*time.Second)
-	for _, id := range []string{"s1", "s2", "s3"} {
-		c.addNode(id)
-	}
-	app := c.register(b, "bench")[0]
+	c, app := oneOwnedApp(b)
 	ctx := context.Background()
-	if _, err := c.nodes[0].el.Elect(ctx, app, coord.ProtocolHTTP, ""); err != nil {
-		b.Fatal(err)
-	}
 	var samples []time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
