@@ -110,6 +110,18 @@ func (r *Registry) ByID(ctx context.Context, id int64) (AppRecord, error) {
 	return r.get(ctx, r.keys.AppID(id), fmt.Sprintf("id %d", id))
 }
 
+// ByIDOp is the read ByID makes, for a caller that batches it with other
+// reads in one Txn; ByIDResult interprets its answer as ByID would.
+func (r *Registry) ByIDOp(id int64) clientv3.Op { return clientv3.OpGet(r.keys.AppID(id)) }
+
+// ByIDResult is ByID's answer from the kvs that ByIDOp read.
+func (r *Registry) ByIDResult(id int64, kvs []*mvccpb.KeyValue) (AppRecord, error) {
+	if id <= 0 || len(kvs) == 0 {
+		return AppRecord{}, fmt.Errorf("%w: id %d", ErrUnknownApp, id)
+	}
+	return decodeApp(kvs[0].Key, kvs[0].Value)
+}
+
 func (r *Registry) get(ctx context.Context, key, what string) (AppRecord, error) {
 	resp, err := r.cli.Get(ctx, key)
 	if err != nil {

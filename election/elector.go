@@ -47,6 +47,7 @@ type Elector struct {
 	table     map[int64]ownerKey   // every app's owner key, as the watch shows it
 	changed   chan struct{}        // closed and replaced when the table changes
 	mine      map[int64]*ownership // this server's ownerships, pending or active
+	active    int                  // how many of mine are active
 	resigning map[int64]time.Time  // apps this server gave up, until a new owner shows or the time passes
 	flights   map[int64]*flight    // elections in progress, one per app
 	queues    map[int64]*callbackQueue

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
@@ -97,16 +98,20 @@ func (e *Elector) HandOver(ctx context.Context, app int64) (string, error) {
 // and returns who owns each.
 func (e *Elector) waitForOthers(ctx context.Context, apps []int64) (map[int64]string, error) {
 	owners := make(map[int64]string, len(apps))
+	waiting := slices.Clone(apps)
 	for {
 		e.mu.Lock()
-		for _, app := range apps {
-			if k, ok := e.table[app]; ok && k.rec.ServerID != e.cfg.ServerID && k.rec.ServerID != "" {
+		waiting = slices.DeleteFunc(waiting, func(app int64) bool {
+			k, ok := e.table[app]
+			if ok && k.rec.ServerID != e.cfg.ServerID && k.rec.ServerID != "" {
 				owners[app] = k.rec.ServerID
+				return true
 			}
-		}
+			return false
+		})
 		changed := e.changed
 		e.mu.Unlock()
-		if len(owners) == len(apps) {
+		if len(waiting) == 0 {
 			return owners, nil
 		}
 		select {

@@ -80,6 +80,7 @@ func (e *Elector) tryActivate(o *ownership) {
 	ctx, cancel := context.WithCancel(context.WithValue(e.ctx, endStampKey{}, o.stamp))
 	o.ctx, o.cancel = ctx, cancel
 	o.epoch, o.active, o.since = ep, true, time.Now()
+	e.active++
 	app, token := o.app, o.token
 	e.logger.Debug("acquired", "app_id", app, "token", token)
 	e.enqueue(app, func() {
@@ -87,7 +88,7 @@ func (e *Elector) tryActivate(o *ownership) {
 			e.cfg.Callbacks.OnAcquire(ctx, app, token)
 		}
 	})
-	e.metrics.setOwned(e.activeCount())
+	e.metrics.setOwned(e.active)
 }
 
 // suspend ends the acting part of an ownership because the guard fired,
@@ -121,6 +122,7 @@ func (e *Elector) lose(o *ownership, reason Reason) {
 // behind the app's earlier callbacks. Called with e.mu held.
 func (e *Elector) deactivate(o *ownership, reason Reason) {
 	o.active = false
+	e.active--
 	// The ownership ended at the earlier of now and its epoch's deadline:
 	// after a pause (SIGSTOP, GC) the cancellation comes late, but the
 	// owner stopped acting at the deadline (Check refuses from then on).
@@ -134,17 +136,7 @@ func (e *Elector) deactivate(o *ownership, reason Reason) {
 			e.cfg.Callbacks.OnLose(app, token, reason)
 		}
 	})
-	e.metrics.setOwned(e.activeCount())
-}
-
-func (e *Elector) activeCount() int {
-	n := 0
-	for _, o := range e.mine {
-		if o.active {
-			n++
-		}
-	}
-	return n
+	e.metrics.setOwned(e.active)
 }
 
 // callbackQueue holds one app's callbacks in order. A runner goroutine

@@ -4,9 +4,8 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"os"
-	"runtime"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -23,7 +22,8 @@ import (
 // Benchmarks run servers in this process (server.Node; a crash is
 // Node.Kill: HTTP closed, lease not revoked) so that many trials fit in a
 // few minutes; integration/bench.sh runs them all. Each reports its own
-// figures with b.ReportMetric; compare ratios, not absolute times.
+// figures with b.ReportMetric; compare ratios, not absolute times. They
+// use b.Loop so that their expensive setup runs once per -count.
 
 // benchCluster is an embedded etcd and in-process server nodes.
 type benchCluster struct {
@@ -35,7 +35,11 @@ type benchCluster struct {
 }
 
 func newBenchCluster(b *testing.B, nodes int) *benchCluster {
-	e := testutil.Etcd(b, 1)
+	return newBenchClusterOn(b, testutil.Etcd(b, 1), nodes)
+}
+
+// newBenchClusterOn starts nodes servers on the given etcd.
+func newBenchClusterOn(b *testing.B, e *coord.Embedded, nodes int) *benchCluster {
 	keys, _ := coord.NewKeys(prefix)
 	bc := &benchCluster{b: b, etcd: e, keys: keys}
 	for range nodes {
@@ -69,6 +73,24 @@ func (bc *benchCluster) addNode(listen string) *server.Node {
 	return n
 }
 
+// replace removes old from the cluster and starts a new server (new id)
+// listening on listen.
+func (bc *benchCluster) replace(old *server.Node, listen string) {
+	bc.nodes = slices.DeleteFunc(bc.nodes, func(x *server.Node) bool { return x == old })
+	bc.addNode(listen)
+	// Every server sees every other before the next trial, so that the
+	// successor is chosen among all of them.
+	deadline := time.Now().Add(10 * time.Second)
+	for _, n := range bc.nodes {
+		for len(n.Elector().Members().Servers()) != len(bc.nodes) {
+			if time.Now().After(deadline) {
+				bc.b.Fatal("membership did not settle")
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+}
+
 func (bc *benchCluster) addrs() []string {
 	var out []string
 	for _, n := range bc.nodes {
@@ -77,7 +99,7 @@ func (bc *benchCluster) addrs() []string {
 	return out
 }
 
-// ownerAddr reads the app's owner from etcd ("" when none).
+// owner reads the app's owner from etcd (nil when none).
 func (bc *benchCluster) owner(app int64) *server.Node {
 	resp, err := bc.etcd.Client().Get(context.Background(), bc.keys.Owner(app))
 	if err != nil || len(resp.Kvs) == 0 {
@@ -92,205 +114,36 @@ func (bc *benchCluster) owner(app int64) *server.Node {
 	return nil
 }
 
-// startWorkers starts n discoveries of app: with etcd (baton) or polling
-// with PowerJob's defaults (10 s, 1 s timeout, 3 tries) when cli is nil.
-func startWorkers(b *testing.B, n int, app string, cli *clientv3.Client, servers []string) []*worker.Discovery {
-	var ws []*worker.Discovery
-	for range n {
-		ws = append(ws, startWorker(b, app, cli, servers))
-	}
-	return ws
-}
-
-// startStaggered starts n workers at random moments over one polling
-// interval, as real workers start at different times: their rounds then
-// fall at uniformly spread phases instead of in lockstep.
-func startStaggered(b *testing.B, n int, app string, cli *clientv3.Client, servers []string) []*worker.Discovery {
-	ws := make([]*worker.Discovery, n)
-	errs := make(chan error, n)
-	for i := range n {
-		delay := time.Duration(rand.Int64N(int64(worker.DefaultConfig().Interval)))
-		go func() {
-			time.Sleep(delay)
-			d, err := newWorker(app, cli, servers)
-			ws[i] = d
-			errs <- err
-		}()
-	}
-	for range n {
-		if err := <-errs; err != nil {
-			b.Fatal(err)
+// newOwner waits until someone other than old owns app in etcd.
+func (bc *benchCluster) newOwner(app int64, old *server.Node) *server.Node {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if n := bc.owner(app); n != nil && n != old {
+			return n
 		}
-	}
-	for _, d := range ws {
-		b.Cleanup(d.Close)
-	}
-	return ws
-}
-
-func startWorker(b *testing.B, app string, cli *clientv3.Client, servers []string) *worker.Discovery {
-	d, err := newWorker(app, cli, servers)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(d.Close)
-	return d
-}
-
-// newWorker starts a discovery: with etcd (baton) or polling with
-// PowerJob's defaults (10 s, 1 s timeout, 3 tries) when cli is nil.
-func newWorker(app string, cli *clientv3.Client, servers []string) (*worker.Discovery, error) {
-	cfg := worker.DefaultConfig()
-	cfg.AppName, cfg.Prefix, cfg.Client, cfg.Servers = app, prefix, cli, servers
-	cfg.PingTimeout, cfg.RequestTimeout = time.Second, time.Second
-	d, err := worker.New(cfg)
-	if err != nil {
-		return nil, err
-	}
-	if err := d.Start(context.Background()); err != nil {
-		d.Close()
-		return nil, err
-	}
-	return d, nil
-}
-
-// allAt waits until every worker points at addr and says how long it took.
-func allAt(ws []*worker.Discovery, addr string, timeout time.Duration) (time.Duration, bool) {
-	start := time.Now()
-	for time.Since(start) < timeout {
-		all := true
-		for _, w := range ws {
-			if s, _ := w.Current(); s.Address != addr {
-				all = false
-				break
-			}
-		}
-		if all {
-			return time.Since(start), true
+		if time.Now().After(deadline) {
+			bc.b.Fatal("no new owner")
 		}
 		time.Sleep(time.Millisecond)
 	}
-	return 0, false
 }
 
-func percentile(samples []time.Duration, p float64) time.Duration {
-	s := slices.Clone(samples)
-	slices.Sort(s)
-	return s[int(p*float64(len(s)-1))]
-}
-
-// BenchmarkCrashFailover: three servers, one app, N workers; the owner
-// crashes (no revoke); time until the last worker points at the new
-// owner. baton workers watch etcd; the baseline is the same workers
-// polling with PowerJob's defaults. Run with -benchtime=20x.
-func BenchmarkCrashFailover(b *testing.B) {
-	for _, n := range []int{10, 1000} {
-		var batonP50 time.Duration
-		for _, mode := range []string{"baton", "baseline"} {
-			b.Run(fmt.Sprintf("workers=%d/%s", n, mode), func(b *testing.B) {
-				samples := crashTrials(b, n, mode == "baton")
-				p50, p99 := percentile(samples, 0.5), percentile(samples, 0.99)
-				b.ReportMetric(float64(p50.Milliseconds()), "p50-ms")
-				b.ReportMetric(float64(p99.Milliseconds()), "p99-ms")
-				if mode == "baton" {
-					batonP50 = p50
-				} else if batonP50 > 0 {
-					b.ReportMetric(float64(batonP50)/float64(p50), "baton/baseline-p50")
-				}
-			})
-		}
-	}
-}
-
-func crashTrials(b *testing.B, n int, withEtcd bool) []time.Duration {
-	bc := newBenchCluster(b, 3)
+// registerOne registers one app and has the cluster's first node own it.
+func (bc *benchCluster) registerOne(name string) int64 {
 	reg := coord.NewRegistry(bc.etcd.Client(), bc.keys)
-	app, err := reg.Register(context.Background(), "bench")
+	app, err := reg.Register(context.Background(), name)
 	if err != nil {
-		b.Fatal(err)
+		bc.b.Fatal(err)
 	}
 	if _, err := bc.nodes[0].Elector().Elect(context.Background(), app.ID, coord.ProtocolHTTP, ""); err != nil {
-		b.Fatal(err)
+		bc.b.Fatal(err)
 	}
-	var cli *clientv3.Client
-	if withEtcd {
-		cli = testutil.Client(b, bc.etcd)
-	}
-	// Polling workers know the three original addresses; the server
-	// started to replace each crashed one is new to them, but they always
-	// know two live servers, which is all PowerJob's loop needs.
-	ws := startStaggered(b, n, "bench", cli, bc.addrs())
-	var samples []time.Duration
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		b.StopTimer()
-		owner := bc.owner(app.ID)
-		if owner == nil {
-			b.Fatal("no owner")
-		}
-		if _, ok := allAt(ws, owner.Addr(), 30*time.Second); !ok {
-			b.Fatal("workers not at the owner before the crash")
-		}
-		b.StartTimer()
-		start := time.Now()
-		owner.Kill()
-		var next *server.Node
-		deadline := time.Now().Add(30 * time.Second)
-		for next == nil || next == owner {
-			if time.Now().After(deadline) {
-				b.Fatal("no new owner")
-			}
-			next = bc.owner(app.ID)
-			time.Sleep(time.Millisecond)
-		}
-		if _, ok := allAt(ws, next.Addr(), 30*time.Second); !ok {
-			b.Fatal("workers did not follow")
-		}
-		samples = append(samples, time.Since(start))
-		b.StopTimer()
-		// Keep three servers: a new one (new id) where the dead one was,
-		// so that the polling workers' server list stays right.
-		bc.nodes = slices.DeleteFunc(bc.nodes, func(x *server.Node) bool { return x == owner })
-		bc.addNode(owner.Addr())
-		b.StartTimer()
-	}
-	return samples
+	return app.ID
 }
 
-// BenchmarkMemory reports heap bytes and goroutines per owned app on one
-// server, and per watched app in workers (one Discovery each).
-func BenchmarkMemory(b *testing.B) {
-	for _, apps := range []int{1000, 10000} {
-		b.Run(fmt.Sprintf("node/apps=%d", apps), func(b *testing.B) {
-			for range b.N {
-				bc := newBenchCluster(b, 1)
-				ids := registerMany(b, bc, apps)
-				n := bc.nodes[0]
-				heap0, g0 := heapAndGoroutines()
-				electMany(b, n, ids)
-				heap1, g1 := heapAndGoroutines()
-				b.ReportMetric(float64(heap1-heap0)/float64(apps), "B/app")
-				b.ReportMetric(float64(g1-g0)/float64(apps), "goroutines/app")
-			}
-		})
-	}
-	b.Run("worker/apps=1000", func(b *testing.B) {
-		for range b.N {
-			bc := newBenchCluster(b, 1)
-			ids := registerMany(b, bc, 1000)
-			electMany(b, bc.nodes[0], ids)
-			cli := testutil.Client(b, bc.etcd)
-			heap0, g0 := heapAndGoroutines()
-			for i := range ids {
-				startWorkers(b, 1, fmt.Sprintf("app-%d", i), cli, bc.addrs())
-			}
-			heap1, g1 := heapAndGoroutines()
-			b.ReportMetric(float64(heap1-heap0)/1000, "B/app")
-			b.ReportMetric(float64(g1-g0)/1000, "goroutines/app")
-		}
-	})
-}
-
+// registerMany registers app-0 … app-(n-1), one after another (the
+// registry's sequence is a CAS loop: concurrent registrations would only
+// retry).
 func registerMany(b *testing.B, bc *benchCluster, n int) []int64 {
 	reg := coord.NewRegistry(bc.etcd.Client(), bc.keys)
 	var ids []int64
@@ -304,149 +157,248 @@ func registerMany(b *testing.B, bc *benchCluster, n int) []int64 {
 	return ids
 }
 
-// electMany has n elect itself for every app, 32 at a time, and waits
-// until it acts for all.
-func electMany(b *testing.B, n *server.Node, ids []int64) {
-	work := make(chan int64, len(ids))
-	for _, id := range ids {
-		work <- id
+// electAll asks for every app once, app i of nodes[i%len(nodes)], with 16
+// callers per node (each server's ElectionConcurrency bounds how many
+// elections it runs at a time), and waits until each node acts for all it
+// was asked about.
+func electAll(b *testing.B, nodes []*server.Node, ids []int64) {
+	type ask struct {
+		node *server.Node
+		app  int64
+	}
+	work := make(chan ask, len(ids))
+	for i, id := range ids {
+		work <- ask{nodes[i%len(nodes)], id}
 	}
 	close(work)
 	var failed atomic.Int64
-	done := make(chan struct{})
-	for range 32 {
-		go func() {
-			defer func() { done <- struct{}{} }()
-			for id := range work {
-				if _, err := n.Elector().Elect(context.Background(), id, coord.ProtocolHTTP, ""); err != nil {
+	var wg sync.WaitGroup
+	for range 16 * len(nodes) {
+		wg.Go(func() {
+			for a := range work {
+				if _, err := a.node.Elector().Elect(context.Background(), a.app, coord.ProtocolHTTP, ""); err != nil {
 					failed.Add(1)
 				}
 			}
-		}()
+		})
 	}
-	for range 32 {
-		<-done
-	}
+	wg.Wait()
 	if failed.Load() > 0 {
 		b.Fatalf("%d elections failed", failed.Load())
 	}
 	deadline := time.Now().Add(30 * time.Second)
-	for len(n.Elector().Owned()) < len(ids) {
-		if time.Now().After(deadline) {
-			b.Fatalf("owns %d of %d", len(n.Elector().Owned()), len(ids))
+	for i, n := range nodes {
+		want := len(ids) / len(nodes)
+		if i < len(ids)%len(nodes) {
+			want++
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-func heapAndGoroutines() (uint64, int) {
-	runtime.GC()
-	runtime.GC()
-	var m runtime.MemStats
-	runtime.ReadMemStats(&m)
-	return m.HeapAlloc, runtime.NumGoroutine()
-}
-
-// BenchmarkSteadyState: three servers owning 10,000 apps, 1,000 workers
-// watching, then an idle window (BATON_BENCH_IDLE, default 2m): etcd RPCs
-// per second by method (from etcd's own gRPC metrics), and HTTP requests
-// per worker per minute.
-func BenchmarkSteadyState(b *testing.B) {
-	idle := 2 * time.Minute
-	if v := os.Getenv("BATON_BENCH_IDLE"); v != "" {
-		d, err := time.ParseDuration(v)
-		if err != nil {
-			b.Fatal(err)
-		}
-		idle = d
-	}
-	for range b.N {
-		bc := newBenchCluster(b, 3)
-		ids := registerMany(b, bc, 10000)
-		for i, id := range ids {
-			// Spread ownership over the three servers.
-			if _, err := bc.nodes[i%3].Elector().Elect(context.Background(), id, coord.ProtocolHTTP, ""); err != nil {
-				b.Fatal(err)
+		for len(n.Elector().Owned()) < want {
+			if time.Now().After(deadline) {
+				b.Fatalf("%s owns %d of %d", n.ID(), len(n.Elector().Owned()), want)
 			}
+			time.Sleep(10 * time.Millisecond)
 		}
-		cli := testutil.Client(b, bc.etcd)
-		reg := prometheus.NewRegistry()
-		var ws []*worker.Discovery
-		for i := range 1000 {
+	}
+}
+
+// fleet is a set of workers that records when each one's server last
+// changed, so that "the last worker followed" is stamped exactly, in the
+// workers' own goroutines, not by a poller.
+type fleet struct {
+	ws      []*worker.Discovery
+	clients []*clientv3.Client // each worker's own, if it has one
+
+	mu  sync.Mutex
+	now []lastChange // by worker
+}
+
+type lastChange struct {
+	addr string
+	at   time.Time
+}
+
+// fleetConfig says which workers startFleet starts.
+type fleetConfig struct {
+	N   int
+	App func(i int) string // the app worker i discovers
+	// Etcd, if set, has each worker dial a client of its own, as worker
+	// processes do (workers sharing a client share one watch stream, and
+	// etcd delivers an event to a stream's watchers in batches of its
+	// send buffer). Shared instead gives them all one client. With
+	// neither, workers poll with PowerJob's defaults (10 s interval, 1 s
+	// timeout, 3 tries).
+	Etcd    *coord.Embedded
+	Shared  *clientv3.Client
+	Servers []string
+	// Stagger starts each worker at a random moment over one polling
+	// interval, as real workers start at different times: their rounds
+	// then fall at uniformly spread phases instead of in lockstep.
+	Stagger    bool
+	Registerer prometheus.Registerer // each worker's metrics, labelled worker=i
+}
+
+func oneApp(name string) func(int) string { return func(int) string { return name } }
+
+// startFleet starts cfg.N discoveries, concurrently, and closes them when
+// the benchmark ends.
+func startFleet(b *testing.B, fc fleetConfig) *fleet {
+	f := &fleet{ws: make([]*worker.Discovery, fc.N), clients: make([]*clientv3.Client, fc.N), now: make([]lastChange, fc.N)}
+	errs := make(chan error, fc.N)
+	for i := range fc.N {
+		var delay time.Duration
+		if fc.Stagger {
+			delay = time.Duration(rand.Int64N(int64(worker.DefaultConfig().Interval)))
+		}
+		go func() {
+			time.Sleep(delay)
 			cfg := worker.DefaultConfig()
-			cfg.AppName, cfg.Prefix, cfg.Client, cfg.Servers, cfg.Registerer = fmt.Sprintf("app-%d", i*10), prefix, cli, bc.addrs(), prometheus.WrapRegistererWith(prometheus.Labels{"w": fmt.Sprint(i)}, reg)
+			cfg.AppName, cfg.Prefix, cfg.Client, cfg.Servers = fc.App(i), prefix, fc.Shared, fc.Servers
+			if fc.Etcd != nil {
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				cli, err := fc.Etcd.NewClient(ctx)
+				cancel()
+				if err != nil {
+					errs <- err
+					return
+				}
+				f.clients[i], cfg.Client = cli, cli
+			}
+			cfg.PingTimeout, cfg.RequestTimeout = time.Second, time.Second
+			cfg.OnChange = func(_, s worker.Server) {
+				f.mu.Lock()
+				f.now[i] = lastChange{s.Address, time.Now()}
+				f.mu.Unlock()
+			}
+			if fc.Registerer != nil {
+				cfg.Registerer = prometheus.WrapRegistererWith(prometheus.Labels{"worker": fmt.Sprint(i)}, fc.Registerer)
+			}
 			d, err := worker.New(cfg)
-			if err != nil {
-				b.Fatal(err)
-			}
-			if err := d.Start(context.Background()); err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(d.Close)
-			ws = append(ws, d)
-		}
-		rpc0, http0 := etcdRPCs(b), sumMetric(b, reg, "baton_worker_http_requests_total")
-		time.Sleep(idle) // the idle window being measured
-		rpc1, http1 := etcdRPCs(b), sumMetric(b, reg, "baton_worker_http_requests_total")
-		secs := idle.Seconds()
-		var total float64
-		for method, v := range rpc1 {
-			if d := v - rpc0[method]; d > 0 {
-				b.ReportMetric(d/secs, method+"/s")
-				total += d
-			}
-		}
-		b.ReportMetric(total/secs, "etcd-rpcs/s")
-		b.ReportMetric(total/secs/3, "etcd-rpcs/s/node")
-		b.ReportMetric((http1-http0)/float64(len(ws))/(secs/60), "http-req/worker/min")
-	}
-}
-
-// etcdRPCs reads etcd's own counters (default registry): RPCs started by
-// method, and messages received on streams by method.
-func etcdRPCs(b *testing.B) map[string]float64 {
-	fams, err := prometheus.DefaultGatherer.Gather()
-	if err != nil {
-		b.Fatal(err)
-	}
-	out := map[string]float64{}
-	for _, f := range fams {
-		kind := map[string]string{"grpc_server_started_total": "rpc", "grpc_server_msg_received_total": "msg"}[f.GetName()]
-		if kind == "" {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			var method, typ string
-			for _, l := range m.GetLabel() {
-				switch l.GetName() {
-				case "grpc_method":
-					method = l.GetValue()
-				case "grpc_type":
-					typ = l.GetValue()
+			if err == nil {
+				if err = d.Start(context.Background()); err != nil {
+					d.Close()
 				}
 			}
-			// Unary messages equal unary RPCs; count stream messages only.
-			if kind == "msg" && typ == "unary" {
-				continue
+			if err == nil {
+				f.ws[i] = d
 			}
-			out[kind+"-"+method] += m.GetCounter().GetValue()
+			errs <- err
+		}()
+	}
+	var first error
+	for range fc.N {
+		if err := <-errs; err != nil && first == nil {
+			first = err
 		}
 	}
-	return out
+	b.Cleanup(f.close)
+	if first != nil {
+		b.Fatal(first)
+	}
+	return f
 }
 
-func sumMetric(b testing.TB, reg *prometheus.Registry, name string) float64 {
-	fams, err := reg.Gather()
-	if err != nil {
-		b.Fatal(err)
-	}
-	var sum float64
-	for _, f := range fams {
-		if f.GetName() == name {
-			for _, m := range f.GetMetric() {
-				sum += m.GetCounter().GetValue()
-			}
+func (f *fleet) close() {
+	for _, d := range f.ws {
+		if d != nil {
+			d.Close()
 		}
 	}
-	return sum
+	for _, c := range f.clients {
+		if c != nil {
+			c.Close()
+		}
+	}
+}
+
+// followedAt waits until every worker points at addr and returns when the
+// last of them changed to it.
+func (f *fleet) followedAt(addr string, timeout time.Duration) (time.Time, bool) {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		f.mu.Lock()
+		var last time.Time
+		all := true
+		for _, w := range f.now {
+			if w.addr != addr {
+				all = false
+				break
+			}
+			if w.at.After(last) {
+				last = w.at
+			}
+		}
+		f.mu.Unlock()
+		if all {
+			return last, true
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return time.Time{}, false
+}
+
+func percentile(samples []time.Duration, p float64) time.Duration {
+	s := slices.Clone(samples)
+	slices.Sort(s)
+	return s[int(p*float64(len(s)-1))]
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// reportLatencies reports the median and p99 of samples in milliseconds.
+func reportLatencies(b *testing.B, samples []time.Duration) {
+	b.ReportMetric(ms(percentile(samples, 0.5)), "p50-ms")
+	b.ReportMetric(ms(percentile(samples, 0.99)), "p99-ms")
+}
+
+// putP50 is the median of n plain etcd puts, one at a time: the unit in
+// which the same run's latencies are read.
+func putP50(b *testing.B, cli *clientv3.Client, n int) time.Duration {
+	var samples []time.Duration
+	for range n {
+		start := time.Now()
+		if _, err := cli.Put(context.Background(), "/bench/put", "x"); err != nil {
+			b.Fatal(err)
+		}
+		samples = append(samples, time.Since(start))
+	}
+	return percentile(samples, 0.5)
+}
+
+// fanOutP50 is the median, over n puts, of the time from a plain put
+// until every one of clients' watches of the key has received it: what
+// any write costs to reach that many watchers on this machine, measured
+// in the same run as the figures it explains.
+func fanOutP50(b *testing.B, writer *clientv3.Client, clients []*clientv3.Client, n int) time.Duration {
+	const key = "/bench/fanout"
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	got := make(chan struct{}, len(clients))
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	for _, cli := range clients {
+		wch := cli.Watch(ctx, key, clientv3.WithCreatedNotify())
+		if resp := <-wch; !resp.Created {
+			b.Fatal("fan-out watch not created")
+		}
+		wg.Go(func() {
+			for resp := range wch {
+				for range resp.Events {
+					got <- struct{}{}
+				}
+			}
+		})
+	}
+	var samples []time.Duration
+	for i := range n {
+		start := time.Now()
+		if _, err := writer.Put(ctx, key, fmt.Sprint(i)); err != nil {
+			b.Fatal(err)
+		}
+		for range clients {
+			<-got
+		}
+		samples = append(samples, time.Since(start))
+	}
+	return percentile(samples, 0.5)
 }

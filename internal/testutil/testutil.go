@@ -63,13 +63,15 @@ func (w *testWriter) stop() {
 // so that they run first.
 func Etcd(t testing.TB, members int) *coord.Embedded {
 	t.Helper()
-	e, err := coord.StartEmbedded(coord.EmbeddedConfig{
-		Dir:         t.TempDir(),
-		Members:     members,
-		FastTimings: true,
-		Logger:      Logger(t).Named("etcd"),
-		LogLevel:    "error",
-	})
+	return EtcdWith(t, coord.EmbeddedConfig{Members: members, FastTimings: true})
+}
+
+// EtcdWith starts an embedded cluster configured by cfg (its Dir, Logger
+// and LogLevel are filled in) and closes it when the test ends.
+func EtcdWith(t testing.TB, cfg coord.EmbeddedConfig) *coord.Embedded {
+	t.Helper()
+	cfg.Dir, cfg.Logger, cfg.LogLevel = t.TempDir(), Logger(t).Named("etcd"), "error"
+	e, err := coord.StartEmbedded(cfg)
 	if err != nil {
 		t.Fatalf("start embedded etcd: %v", err)
 	}
