@@ -51,6 +51,10 @@ type OwnerRecord struct {
 	// this record while the lease is alive must wait before acting.
 	TTLMillis  int64     `json:"ttlMillis"`
 	AcquiredAt time.Time `json:"acquiredAt"`
+	// HandedOverFrom, when set, is the token of the ownership whose holder
+	// wrote this record for the new owner (a handover): that holder had
+	// stopped acting before the write, so the new owner need not wait.
+	HandedOverFrom int64 `json:"handedOverFrom,omitempty"`
 }
 
 // ServerRecord is the value of servers/{serverId}, bound to the server's
@@ -178,6 +182,9 @@ func (r OwnerRecord) validate() error {
 	}
 	if r.AcquiredAt.IsZero() {
 		return errors.New("owner record has no acquiredAt")
+	}
+	if r.HandedOverFrom < 0 {
+		return fmt.Errorf("handedOverFrom %d is negative", r.HandedOverFrom)
 	}
 	return nil
 }

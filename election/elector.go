@@ -247,13 +247,16 @@ func (e *Elector) observe(events []*clientv3.Event) {
 		}
 		switch ev.Type {
 		case clientv3.EventTypePut:
+			k := e.decodeOwner(app, ev.Kv.Value, ev.Kv.ModRevision, ev.Kv.Lease)
 			var wait time.Duration
-			if ev.PrevKv != nil {
+			if ev.PrevKv != nil && k.rec.HandedOverFrom != ev.PrevKv.ModRevision {
 				// An overwrite of a live key: the previous owner may act
-				// until its guard fires, at most its TTL from now.
+				// until its guard fires, at most its TTL from now. (A
+				// handover is written by the previous owner itself, after
+				// it stopped.)
 				wait = e.decodeOwner(app, ev.PrevKv.Value, 0, 0).rec.TTL()
 			}
-			e.put(app, e.decodeOwner(app, ev.Kv.Value, ev.Kv.ModRevision, ev.Kv.Lease), wait)
+			e.put(app, k, wait)
 		case clientv3.EventTypeDelete:
 			prev := ""
 			if ev.PrevKv != nil {
@@ -271,6 +274,9 @@ func (e *Elector) observe(events []*clientv3.Event) {
 func (e *Elector) put(app int64, k ownerKey, wait time.Duration) {
 	e.table[app] = k
 	if e.isMine(k) {
+		if k.rec.HandedOverFrom != 0 && e.passOnIfClosing(app, k.modRev) {
+			return
+		}
 		e.own(app, k.modRev, k.lease, wait) // counts a takeover if it was an orphan
 		delete(e.takeover.orphans, app)
 		return
@@ -281,6 +287,26 @@ func (e *Elector) put(app int64, k ownerKey, wait time.Duration) {
 		e.metrics.deposed()
 		e.lose(o, ReasonDeposed)
 	}
+}
+
+// passOnIfClosing deals with an app another server handed to this one. A
+// handover overrides this server's own resignation of the app (servers
+// may pass an app back and forth); but a closing server passes the app
+// on, to its own successor, and reports true. Called with e.mu held.
+func (e *Elector) passOnIfClosing(app, token int64) bool {
+	delete(e.resigning, app)
+	if !e.draining && !e.closed {
+		return false
+	}
+	e.logger.Info("an app was handed to this closing server; passing it on", "app_id", app)
+	e.loops.Add(1)
+	go func() {
+		defer e.loops.Done()
+		if err := e.transferOrDelete(e.ctx, map[int64]int64{app: token}); err != nil {
+			e.logger.Warn("passing on a handed-over app failed; the lease's end will free it", "app_id", app, "error", err)
+		}
+	}()
+	return true
 }
 
 // deleted records that app's owner key is gone; prevOwner is who held it.

@@ -2,7 +2,6 @@ package election_test
 
 import (
 	"context"
-	"slices"
 	"testing"
 	"time"
 
@@ -169,6 +168,44 @@ func TestTakeoverFromAnUnreachableLiveOwnerWaitsItsTTL(t *testing.T) {
 	}
 }
 
+// An app handed over during its takeover wait (its new owner overwrote a
+// live key, so the old owner may still act) passes on only when the wait
+// is over: the next owner starts at once, so it must not be written
+// earlier.
+func TestHandOverDuringATakeoverWaitWaitsItOut(t *testing.T) {
+	c := newCluster(t, 1, 2*time.Second)
+	a := c.addNode("a")
+	b := c.addNode("b")
+	c.addNode("c")
+	app := c.register(t, "x")[0]
+	electAll(t, c, a, []int64{app})
+
+	c.pinger.setDown(a.addr, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	if addr, err := b.el.Elect(ctx, app, coord.ProtocolHTTP, a.addr); err != nil || addr != b.addr {
+		t.Fatalf("Elect on b = %q, %v; want b's address", addr, err)
+	}
+	if _, acting := b.el.Token(app); acting {
+		t.Fatal("b acts before its takeover wait is over")
+	}
+	to, err := b.el.HandOver(ctx, app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.rec.wait(3*c.ttl, func(ev []event) bool { _, ok := acquiredBy(ev, to, app, start); return ok }) {
+		t.Fatalf("%s never acted", to)
+	}
+	acq, _ := acquiredBy(c.rec.snapshot(), to, app, start)
+	if wait := acq.Sub(start); wait < a.session.TTL() {
+		t.Errorf("%s acted %v after b overwrote a's live key; not before a's TTL %v", to, wait, a.session.TTL())
+	}
+	for _, p := range c.rec.check() {
+		t.Error(p)
+	}
+}
+
 func TestFenceRejectsWritesAfterOwnershipMoved(t *testing.T) {
 	c := newCluster(t, 1, time.Second)
 	a := c.addNode("a")
@@ -201,6 +238,38 @@ func TestFenceRejectsWritesAfterOwnershipMoved(t *testing.T) {
 	}
 }
 
+// A handed-over app can come straight back, and every handover raises the
+// token.
+func TestHandOverBackAndForth(t *testing.T) {
+	c := newCluster(t, 1, time.Second)
+	a := c.addNode("a")
+	b := c.addNode("b")
+	app := c.register(t, "x")[0]
+	electAll(t, c, a, []int64{app})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var last int64
+	for i, from := range []*node{a, b, a, b} {
+		if !c.rec.wait(5*time.Second, func([]event) bool { _, ok := from.el.Token(app); return ok }) {
+			t.Fatalf("handover %d: %s is not acting", i, from.id)
+		}
+		token, _ := from.el.Token(app)
+		if token <= last {
+			t.Fatalf("handover %d: token %d after %d", i, token, last)
+		}
+		last = token
+		if _, err := from.el.HandOver(ctx, app); err != nil {
+			t.Fatalf("handover %d from %s: %v", i, from.id, err)
+		}
+	}
+	if !c.rec.wait(5*time.Second, func([]event) bool { _, ok := a.el.Token(app); return ok }) {
+		t.Fatal("a is not acting after the app came back")
+	}
+	for _, p := range c.rec.check() {
+		t.Error(p)
+	}
+}
+
 func TestHandOverReturnsOnceTheSuccessorOwnsAndWorkersSeeOneNewOwner(t *testing.T) {
 	c := newCluster(t, 1, time.Second)
 	a := c.addNode("a")
@@ -227,18 +296,25 @@ func TestHandOverReturnsOnceTheSuccessorOwnsAndWorkersSeeOneNewOwner(t *testing.
 	}
 	t.Logf("handover took %v", took)
 
-	var puts []string
-	for len(puts) == 0 {
-		resp := <-watch
-		for _, ev := range resp.Events {
-			if ev.Type == clientv3.EventTypePut {
-				rec, _ := coord.DecodeOwnerRecord(ev.Kv.Value)
-				puts = append(puts, rec.ServerID)
-			}
-		}
+	// One change: the successor's record written over a's, bound to the
+	// successor's lease, naming a's token — no deletion in between.
+	resp := <-watch
+	if len(resp.Events) == 0 {
+		t.Fatalf("watch ended: %v", resp.Err())
 	}
-	if !slices.Equal(puts, []string{to}) {
-		t.Fatalf("workers saw owners %v, want just %s", puts, to)
+	ev := resp.Events[0]
+	rec, err := coord.DecodeOwnerRecord(ev.Kv.Value)
+	if err != nil || ev.Type != clientv3.EventTypePut || rec.ServerID != to {
+		t.Fatalf("first change after the handover: %v %q (%v), want a put naming %s", ev.Type, ev.Kv.Value, err, to)
+	}
+	if rec.HandedOverFrom != from {
+		t.Errorf("handedOverFrom %d, want a's token %d", rec.HandedOverFrom, from)
+	}
+	if lease := c.node(to).session.Lease(); clientv3.LeaseID(ev.Kv.Lease) != lease {
+		t.Errorf("the handed-over key is bound to lease %x, want %s's %x", ev.Kv.Lease, to, lease)
+	}
+	if !c.rec.wait(5*time.Second, func(ev []event) bool { _, ok := acquiredBy(ev, to, app, start); return ok }) {
+		t.Fatalf("%s never acted for the app", to)
 	}
 	if _, err := a.el.HandOver(ctx, app); err == nil {
 		t.Fatal("a handed over an app it no longer owns")

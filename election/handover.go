@@ -5,8 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/batonhq/baton/coord"
 )
 
 // ErrNoSuccessor: HandOver found no other live server to take the app.
@@ -21,24 +24,49 @@ var ErrNoSuccessor = errors.New("election: no other live server to hand over to"
 // not own app. If the delete fails the key stays and names this server
 // until the resignation period ends; call Resign again.
 func (e *Elector) Resign(ctx context.Context, app int64) error {
-	token, err := e.stopOwning(app)
+	token, notBefore, err := e.stopOwning(app)
 	if err != nil {
+		return err
+	}
+	if err := e.waitOut(ctx, notBefore); err != nil {
 		return err
 	}
 	return e.deleteOwnerKeys(ctx, map[int64]int64{app: token})
 }
 
 // stopOwning ends this server's ownership of app and marks it resigning.
-func (e *Elector) stopOwning(app int64) (int64, error) {
+// It returns the ownership's token and the end of its takeover wait.
+func (e *Elector) stopOwning(app int64) (int64, time.Time, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	o := e.mine[app]
 	if o == nil {
-		return 0, fmt.Errorf("%w: app %d", ErrNotOwner, app)
+		return 0, time.Time{}, fmt.Errorf("%w: app %d", ErrNotOwner, app)
 	}
 	e.resigning[app] = e.cfg.Clock.Now().Add(2 * e.session.TTL())
 	e.lose(o, ReasonResigned)
-	return o.token, nil
+	return o.token, o.notBefore, nil
+}
+
+// waitOut returns once notBefore has passed. An ownership given up during
+// its takeover wait cannot be handed on before the wait ends: the owner
+// it overwrote may still be acting, and whoever comes next would start at
+// once (a deletion or a handover proves only that this server stopped).
+func (e *Elector) waitOut(ctx context.Context, notBefore time.Time) error {
+	d := notBefore.Sub(e.cfg.Clock.Now())
+	if d <= 0 {
+		return nil
+	}
+	e.logger.Info("giving up an app during its takeover wait; waiting it out first", "wait", d)
+	done := make(chan struct{})
+	t := e.cfg.Clock.AfterFunc(d, func() { close(done) })
+	defer t.Stop()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("election: waiting out a takeover wait before handing over: %w", ctx.Err())
+	}
 }
 
 // deleteOwnerKeys deletes owner keys (app → token), each only if it still
@@ -79,19 +107,160 @@ func (e *Elector) deleteOwnerKeys(ctx context.Context, tokens map[int64]int64) e
 	return errors.Join(errs...)
 }
 
-// HandOver resigns app so that its successor takes it, and returns once
-// another server owns it (the successor, normally), with that server's
-// id. Fails with ErrNoSuccessor, without resigning, when no other server
-// is alive; returns ctx.Err() if the new owner does not appear in time.
+// HandOver gives app to its successor and returns once another server
+// owns it (the successor, normally), with that server's id. This server
+// stops acting first, then writes the successor's owner record over its
+// own (see transfer), so workers see one change; if that write fails the
+// key is deleted instead, as Resign does, and the successor takes the
+// app over from the deletion. Fails with ErrNoSuccessor, without
+// resigning, when no other server is alive; returns ctx.Err() if the new
+// owner does not appear in time.
 func (e *Elector) HandOver(ctx context.Context, app int64) (string, error) {
 	if e.successor(app, e.cfg.ServerID) == "" {
 		return "", fmt.Errorf("%w: app %d", ErrNoSuccessor, app)
 	}
-	if err := e.Resign(ctx, app); err != nil {
+	token, notBefore, err := e.stopOwning(app)
+	if err != nil {
+		return "", err
+	}
+	if err := e.waitOut(ctx, notBefore); err != nil {
+		return "", err
+	}
+	if err := e.transferOrDelete(ctx, map[int64]int64{app: token}); err != nil {
 		return "", err
 	}
 	owners, err := e.waitForOthers(ctx, []int64{app})
 	return owners[app], err
+}
+
+// transferOrDelete transfers the apps (app → token of this server's
+// stopped ownership) to their successors and deletes the keys of those it
+// could not transfer.
+func (e *Elector) transferOrDelete(ctx context.Context, tokens map[int64]int64) error {
+	left := e.transfer(ctx, tokens)
+	if len(left) == 0 {
+		return nil
+	}
+	return e.deleteOwnerKeys(ctx, left)
+}
+
+// transfer writes, for each app (app → token of an ownership this server
+// has already stopped), its successor's owner record over this server's,
+// bound to the successor's lease, guarded by the token, with
+// HandedOverFrom set to the token: the successor sees its own record
+// appear and acts at once (the writer has provably stopped), and workers
+// see a single change of owner instead of a deletion followed by a new
+// owner. Batches of up to 64 apps per successor go in one Txn. It returns
+// the apps it could not transfer: no other live server, the successor's
+// lease gone, or the key no longer holding the token.
+func (e *Elector) transfer(ctx context.Context, tokens map[int64]int64) map[int64]int64 {
+	left := map[int64]int64{}
+	bySuccessor := map[string][]int64{}
+	for app, token := range tokens {
+		id := e.successor(app, e.cfg.ServerID)
+		if id == "" {
+			left[app] = token
+			continue
+		}
+		bySuccessor[id] = append(bySuccessor[id], app)
+	}
+	for id, apps := range bySuccessor {
+		to, err := e.handoverTarget(ctx, id)
+		if err != nil {
+			e.logger.Info("cannot hand over to the successor; deleting the keys instead", "successor", id, "apps", len(apps), "error", err)
+			for _, app := range apps {
+				left[app] = tokens[app]
+			}
+			continue
+		}
+		const batch = 64
+		for len(apps) > 0 {
+			chunk := apps[:min(batch, len(apps))]
+			apps = apps[len(chunk):]
+			if err := e.transferBatch(ctx, to, chunk, tokens); err == nil {
+				continue
+			} else if len(chunk) == 1 {
+				e.logger.Debug("handover write failed; deleting the key instead", "app_id", chunk[0], "successor", id, "error", err)
+				left[chunk[0]] = tokens[chunk[0]]
+				continue
+			}
+			for _, app := range chunk {
+				if err := e.transferBatch(ctx, to, []int64{app}, tokens); err != nil {
+					e.logger.Debug("handover write failed; deleting the key instead", "app_id", app, "successor", id, "error", err)
+					left[app] = tokens[app]
+				}
+			}
+		}
+	}
+	return left
+}
+
+// handoverTarget is what a handover needs to know about the server it
+// writes for: its lease and the TTL it was granted (a later overwrite
+// waits that long), and its endpoints.
+type handoverTarget struct {
+	lease  clientv3.LeaseID
+	record coord.OwnerRecord // without HandedOverFrom
+}
+
+// handoverTarget reads server id's membership key (its lease and
+// endpoints) and the TTL etcd granted that lease.
+func (e *Elector) handoverTarget(ctx context.Context, id string) (handoverTarget, error) {
+	key, err := e.keys.Server(id)
+	if err != nil {
+		return handoverTarget{}, err
+	}
+	resp, err := e.cli.Get(ctx, key)
+	if err != nil {
+		return handoverTarget{}, fmt.Errorf("read membership: %w", err)
+	}
+	if len(resp.Kvs) == 0 || resp.Kvs[0].Lease == 0 {
+		return handoverTarget{}, errors.New("not a member any more")
+	}
+	srv, err := coord.DecodeServerRecord(resp.Kvs[0].Value)
+	if err != nil {
+		return handoverTarget{}, err
+	}
+	lease := clientv3.LeaseID(resp.Kvs[0].Lease)
+	ttl, err := e.cli.TimeToLive(ctx, lease)
+	if err != nil {
+		return handoverTarget{}, fmt.Errorf("read its lease: %w", err)
+	}
+	if ttl.TTL < 0 || ttl.GrantedTTL <= 0 { // TTL is whole seconds left; -1 once expired
+		return handoverTarget{}, errors.New("its lease has expired")
+	}
+	return handoverTarget{lease: lease, record: coord.OwnerRecord{
+		ServerID:   id,
+		Protocols:  srv.Protocols,
+		TTLMillis:  ttl.GrantedTTL * 1000,
+		AcquiredAt: time.Now().UTC(),
+	}}, nil
+}
+
+// transferBatch writes to's owner record for every app in apps in one
+// Txn, each guarded by its token.
+func (e *Elector) transferBatch(ctx context.Context, to handoverTarget, apps []int64, tokens map[int64]int64) error {
+	var cmps []clientv3.Cmp
+	var ops []clientv3.Op
+	for _, app := range apps {
+		rec := to.record
+		rec.HandedOverFrom = tokens[app]
+		val, err := rec.Encode()
+		if err != nil {
+			return err
+		}
+		key := e.keys.Owner(app)
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(key), "=", tokens[app]))
+		ops = append(ops, clientv3.OpPut(key, string(val), clientv3.WithLease(to.lease)))
+	}
+	resp, err := e.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	if err != nil {
+		return err
+	}
+	if !resp.Succeeded {
+		return errors.New("an owner key no longer holds this server's token")
+	}
+	return nil
 }
 
 // waitForOthers waits until every app in apps is owned by another server
@@ -128,16 +297,23 @@ func (e *Elector) handOverAll(ctx context.Context) error {
 	e.mu.Lock()
 	tokens := make(map[int64]int64, len(e.mine))
 	until := e.cfg.Clock.Now().Add(2 * e.session.TTL())
+	var notBefore time.Time
 	for app, o := range e.mine {
 		tokens[app] = o.token
 		e.resigning[app] = until
+		if o.notBefore.After(notBefore) {
+			notBefore = o.notBefore
+		}
 		e.lose(o, ReasonResigned)
 	}
 	e.mu.Unlock()
 	if len(tokens) == 0 {
 		return nil
 	}
-	if err := e.deleteOwnerKeys(ctx, tokens); err != nil {
+	if err := e.waitOut(ctx, notBefore); err != nil {
+		return err
+	}
+	if err := e.transferOrDelete(ctx, tokens); err != nil {
 		return err
 	}
 	if e.successor(0, e.cfg.ServerID) == "" {
