@@ -37,9 +37,15 @@
 //
 // When an owner key is deleted, the live server that ranks first for the
 // app by rendezvous hashing (coord.Successor), not counting the server
-// that just left, elects itself at once — no worker has to ask. Resign and
-// HandOver end the ownership first and then delete the key; Close does
-// that for every owned app and waits for the successors.
+// that just left, elects itself at once — no worker has to ask. Resign
+// ends the ownership first and then deletes the key. HandOver ends it and
+// then writes the successor's owner record over its own, bound to the
+// successor's lease and naming the token it replaces (HandedOverFrom): the
+// successor acts at once, and workers see one change of owner instead of
+// a deletion and then a new owner (falling back to the deletion if the
+// successor's lease is gone). Close hands over every owned app that way,
+// 64 to a Txn, and waits for the successors. An ownership given up during
+// its takeover wait is handed on or deleted only when the wait is over.
 //
 // # Callbacks
 //

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs baton's benchmarks and prints one table. About 13 minutes on a
-# 2-core machine. Figures are medians/percentiles over trials and ratios
-# against baselines measured in the same run.
+# Runs baton's benchmarks and prints one table. About 14 minutes on a
+# 2-core machine, most of it the PowerJob-style baseline's 10 s polling
+# and the steady state's idle window. Figures are medians/percentiles over
+# trials and ratios against baselines measured in the same run.
 #
-#   integration/bench.sh                  # everything
+#   integration/bench.sh                        # everything
 #   BATON_BENCH_IDLE=30s integration/bench.sh   # shorter idle window
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,13 +12,14 @@ cd "$(dirname "$0")/.."
 export BATON_BENCH_IDLE
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
+start=$(date +%s)
 {
 	go test ./election -run '^$' -bench 'RevokeToNewOwner|HandOver|ColdElections' -benchtime 20x -count 1 -timeout 20m
-	go test ./integration -run '^$' -bench 'CrashFailover' -benchtime 20x -count 1 -timeout 30m
-	go test ./integration -run '^$' -bench 'Memory|SteadyState' -benchtime 1x -count 1 -timeout 20m
+	go test ./integration -run '^$' -bench 'CrashFailover|GracefulHandover' -benchtime 20x -count 1 -timeout 30m
+	go test ./integration -run '^$' -bench 'ColdStart|Memory|SteadyState' -benchtime 1x -count 1 -timeout 20m
 } 2>&1 | grep -E '^(Benchmark|ok|FAIL|goos|goarch|cpu|pkg)' | tee "$out"
 echo
-echo "== table (one line per benchmark: its own metrics)"
+echo "== table (one line per benchmark: its own metrics; $(( $(date +%s) - start )) s in all)"
 grep '^Benchmark' "$out" | awk '{
 	name=$1; printf "%-55s", name
 	for (i = 3; i < NF; i += 2) printf "  %s %s", $i, $(i+1)

@@ -28,7 +28,6 @@ func BenchmarkGracefulHandover(b *testing.B) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		start := time.Now()
 		err := owner.Drain(ctx)
-		drained := time.Now()
 		cancel()
 		if err != nil {
 			b.Fatal(err)
@@ -39,13 +38,6 @@ func BenchmarkGracefulHandover(b *testing.B) {
 			b.Fatal("workers did not follow")
 		}
 		samples = append(samples, last.Sub(start))
-		f.mu.Lock()
-		var ds []time.Duration
-		for _, w := range f.now {
-			ds = append(ds, w.at.Sub(start))
-		}
-		f.mu.Unlock()
-		b.Logf("drain returned %v; follow min %v p50 %v max %v", drained.Sub(start), percentile(ds, 0), percentile(ds, 0.5), percentile(ds, 1))
 		ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
 		owner.Close(ctx)
 		cancel()
