@@ -115,36 +115,64 @@ func TestGuardCheckIsCorrectBeforeAnyTimerFires(t *testing.T) {
 	}
 }
 
-// TestRoundsWaitForTheAttachedWatch: with a watch attached, a round
-// confirms only once the watch reports it has delivered the round's read
-// revision. A watch that stops reporting makes the guard fire although
-// keepalives still succeed; when it reports again a new epoch starts on
-// the same lease.
-func TestRoundsWaitForTheAttachedWatch(t *testing.T) {
-	e := testutil.Etcd(t, 1)
-	cli := e.Client()
-	s := newSession(t, cli, time.Second, nil)
+// stallableWatch is a watch of the owner keys attached to s that reports
+// its progress to the session until stalled.
+type stallableWatch struct {
+	stalled  atomic.Bool
+	requests atomic.Int64
+}
 
+func attachStallableWatch(t *testing.T, cli *clientv3.Client, s *coord.Session) *stallableWatch {
+	w := &stallableWatch{}
 	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	wctx := clientv3.WithRequireLeader(ctx)
 	watch := cli.Watch(wctx, s.Keys().OwnerPrefix(), clientv3.WithPrefix())
-	var stalled atomic.Bool
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		for resp := range watch {
-			if !stalled.Load() {
+			if !w.stalled.Load() {
 				s.WatchCaughtUp(resp.Header.Revision)
 			}
 		}
 	}()
-	defer func() { cancel(); <-done }()
-	var requests atomic.Int64
+	t.Cleanup(func() { cancel(); <-done })
 	s.AttachWatch(func(context.Context) error {
-		requests.Add(1)
+		w.requests.Add(1)
 		return cli.RequestProgress(wctx)
 	})
+	return w
+}
+
+// stall stops the watch's reports and moves etcd's revision past what it
+// reported (a stalled watch only matters then: nothing newer can have
+// been missed before), and waits for the guard to fire.
+func (w *stallableWatch) stall(t *testing.T, cli *clientv3.Client, ep *coord.Epoch, ttl time.Duration) time.Time {
+	w.stalled.Store(true)
+	if _, err := cli.Put(context.Background(), "/elsewhere", "moves the revision"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-ep.Done():
+	case <-time.After(3 * ttl):
+		t.Fatal("guard did not fire while the watch was stalled")
+	}
+	if !errors.Is(ep.Err(), coord.ErrUnconfirmed) {
+		t.Fatalf("epoch ended with %v, want ErrUnconfirmed", ep.Err())
+	}
+	return time.Now()
+}
+
+// With a watch attached (the elector's owner-key watch), a round
+// confirms only once the watch reports it has delivered the round's read
+// revision. A watch that stops reporting makes the guard fire although
+// keepalives still succeed; when it reports again within a TTL a new
+// epoch starts on the same lease.
+func TestRoundsWaitForTheAttachedWatch(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	cli := e.Client()
+	s := newSession(t, cli, time.Second, nil)
+	w := attachStallableWatch(t, cli, s)
 
 	ep := s.Epoch()
 	// Several TTLs pass with the watch reporting: the epoch holds.
@@ -153,36 +181,19 @@ func TestRoundsWaitForTheAttachedWatch(t *testing.T) {
 		t.Fatalf("epoch ended while the watch kept up: %v", ep.Err())
 	case <-time.After(3 * s.TTL()):
 	}
-	if requests.Load() == 0 {
+	if w.requests.Load() == 0 {
 		t.Fatal("rounds never asked the watch for progress")
 	}
 
-	// A stalled watch only matters once etcd's revision moves past what
-	// it reported: nothing newer can have been missed before that.
-	stalled.Store(true)
-	if _, err := cli.Put(ctx, "/elsewhere", "moves the revision"); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-ep.Done():
-	case <-time.After(3 * s.TTL()):
-		t.Fatal("guard did not fire while the watch was stalled")
-	}
-	if !errors.Is(ep.Err(), coord.ErrUnconfirmed) {
-		t.Fatalf("epoch ended with %v, want ErrUnconfirmed", ep.Err())
-	}
-	// Keepalives go on meanwhile: a TTL later the lease is still there
-	// (TimeToLive says -1 once etcd has dropped it).
-	select {
-	case <-time.After(s.TTL() + 200*time.Millisecond):
-	case <-ctx.Done():
-	}
-	if ttl, err := cli.TimeToLive(ctx, ep.Lease()); err != nil || ttl.TTL < 0 {
+	w.stall(t, cli, ep, s.TTL())
+	// Keepalives go on meanwhile (TimeToLive says -1 once etcd has
+	// dropped a lease) ...
+	if ttl, err := cli.TimeToLive(context.Background(), ep.Lease()); err != nil || ttl.TTL < 0 {
 		t.Fatalf("keepalives should have gone on: TTL %d, %v", ttl.TTL, err)
 	}
-
-	stalled.Store(false)
-	wait, stop := context.WithTimeout(ctx, 5*time.Second)
+	// ... and the watch reports again well within a TTL: same lease.
+	w.stalled.Store(false)
+	wait, stop := context.WithTimeout(context.Background(), 5*time.Second)
 	defer stop()
 	next, err := s.NextEpoch(wait, ep)
 	if err != nil {
@@ -190,5 +201,52 @@ func TestRoundsWaitForTheAttachedWatch(t *testing.T) {
 	}
 	if next.Lease() != ep.Lease() {
 		t.Fatalf("new epoch on lease %x, want the same lease %x", next.Lease(), ep.Lease())
+	}
+}
+
+// A lease that etcd keeps alive (keepalives succeed) but that stays
+// unconfirmed — here the watch never reports — is given up a TTL after
+// its deadline: revoked, so its keys go and other servers take its apps,
+// instead of being kept forever by a server that cannot act. A new lease
+// follows, confirmed once the watch works again.
+func TestALeaseKeptAliveButNeverConfirmedIsGivenUp(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	cli := e.Client()
+	var leases atomic.Int64
+	s := newSession(t, cli, time.Second, func(context.Context, clientv3.LeaseID) error { leases.Add(1); return nil })
+	w := attachStallableWatch(t, cli, s)
+	ep := s.Epoch()
+	fired := w.stall(t, cli, ep, s.TTL())
+
+	var gone time.Time
+	testutil.Eventually(t, 5*s.TTL(), "the unconfirmed lease to be given up", func() bool {
+		ttl, err := cli.TimeToLive(context.Background(), ep.Lease())
+		if err == nil && ttl.TTL < 0 {
+			gone = time.Now()
+			return true
+		}
+		return false
+	})
+	// Not before a whole TTL past the deadline (the guard fired at it),
+	// and not as late as etcd would have expired it had the keepalives
+	// stopped at the deadline and a TTL on top.
+	if after := gone.Sub(fired); after < s.TTL() || after > 3*s.TTL() {
+		t.Errorf("lease given up %v after the guard fired; want between one and three TTLs (%v)", after, s.TTL())
+	} else {
+		t.Logf("lease given up %v after the guard fired (TTL %v)", after, s.TTL())
+	}
+
+	w.stalled.Store(false)
+	wait, stop := context.WithTimeout(context.Background(), 10*time.Second)
+	defer stop()
+	next, err := s.NextEpoch(wait, ep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if next.Lease() == ep.Lease() {
+		t.Fatalf("new epoch on the given-up lease %x", ep.Lease())
+	}
+	if leases.Load() < 2 {
+		t.Errorf("OnLease ran %d times; the new lease must be announced", leases.Load())
 	}
 }

@@ -107,13 +107,18 @@ type Session struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu       sync.Mutex
-	lease    clientv3.LeaseID
-	ttl      time.Duration
-	epoch    *Epoch        // current or most recently ended
-	newEpoch chan struct{} // closed when epoch is replaced
-	guard    *time.Timer
-	closed   bool
+	mu    sync.Mutex
+	lease clientv3.LeaseID
+	ttl   time.Duration
+	epoch *Epoch // current or most recently ended
+	// confirmBy is the deadline the lease was last confirmed to (or,
+	// for a lease never confirmed, the one its first round could have
+	// set): a lease kept alive but unconfirmed for a TTL past it is given
+	// up.
+	confirmBy int64
+	newEpoch  chan struct{} // closed when epoch is replaced
+	guard     *time.Timer
+	closed    bool
 }
 
 // NewSession grants a lease, calls OnLease, and returns once a first round
@@ -142,11 +147,7 @@ func NewSession(ctx context.Context, cfg SessionConfig) (*Session, error) {
 	setup, stop := context.WithCancel(s.ctx)
 	defer stop()
 	defer context.AfterFunc(ctx, stop)()
-	err = s.startLease(setup)
-	if err == nil {
-		err = s.confirmFirst(setup)
-	}
-	if err != nil {
+	if err := s.establish(setup); err != nil {
 		s.cancel()
 		s.revoke(context.Background())
 		if ctx.Err() != nil && !errors.Is(err, ctx.Err()) {
@@ -161,13 +162,16 @@ func NewSession(ctx context.Context, cfg SessionConfig) (*Session, error) {
 // startLease grants a lease and calls OnLease; it retries OnLease until it
 // succeeds or ctx ends.
 func (s *Session) startLease(ctx context.Context) error {
+	asked := s.clock.now()
 	grant, err := s.cli.Grant(clientv3.WithRequireLeader(ctx), int64(s.cfg.TTL/time.Second))
 	if err != nil {
 		return fmt.Errorf("coord: grant lease: %w", err)
 	}
 	ttl := time.Duration(grant.TTL) * time.Second
+	margin, _ := s.cfg.timings(ttl)
 	s.mu.Lock()
 	s.lease, s.ttl = grant.ID, ttl
+	s.confirmBy = asked + int64(ttl-margin)
 	s.mu.Unlock()
 	if ttl != s.cfg.TTL {
 		s.logger.Info("etcd granted a longer ttl than asked", "asked", s.cfg.TTL, "granted", ttl)
@@ -190,13 +194,64 @@ func (s *Session) startLease(ctx context.Context) error {
 	return nil
 }
 
-// confirmFirst runs rounds until one confirms the new lease.
+// establish starts a lease and confirms it, starting another if one is
+// given up.
+func (s *Session) establish(ctx context.Context) error {
+	for {
+		err := s.startLease(ctx)
+		if err == nil {
+			err = s.confirmFirst(ctx)
+		}
+		if !errors.Is(err, errGaveUp) {
+			return err
+		}
+	}
+}
+
+// errGaveUp: the lease was kept alive but never confirmed, and was given
+// up (see stale).
+var errGaveUp = errors.New("coord: lease given up")
+
+// stale reports whether a failed round shows a lease that etcd keeps alive
+// (the keepalive succeeded) but that has gone unconfirmed for a whole TTL
+// past its last deadline — the read or the watch keeps failing. Such a
+// lease must go: it keeps this server's keys, and with them its apps and
+// its place as successor, while the server cannot act.
+func (s *Session) stale(res roundResult) bool {
+	if res.err == nil || res.ttl <= 0 || errors.Is(res.err, ErrLeaseLost) {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return res.lease == s.lease && s.clock.now() >= s.confirmBy+int64(s.ttl)
+}
+
+// giveUp revokes lease (best effort: if the revoke fails too, the lease
+// expires a TTL after the last keepalive) and ends the epoch with
+// ErrLeaseLost.
+func (s *Session) giveUp(lease clientv3.LeaseID, cause error) {
+	s.logger.Warn("lease kept alive but unconfirmed for a TTL past its deadline; giving it up so that other servers take its apps",
+		"lease", fmt.Sprintf("%x", lease), "last_error", cause)
+	ctx, cancel := context.WithTimeout(s.ctx, s.interval())
+	defer cancel()
+	if _, err := s.cli.Revoke(ctx, lease); err != nil && !isLeaseNotFound(err) {
+		s.logger.Warn("revoking the given-up lease failed; it expires on its own", "error", err)
+	}
+	s.endEpoch(ErrLeaseLost)
+}
+
+// confirmFirst runs rounds until one confirms the new lease, or gives the
+// lease up (errGaveUp) when it stays unconfirmed.
 func (s *Session) confirmFirst(ctx context.Context) error {
 	for {
 		res := s.round(ctx)
 		if res.err == nil {
 			s.apply(res)
 			return nil
+		}
+		if s.stale(res) {
+			s.giveUp(res.lease, res.err)
+			return errGaveUp
 		}
 		if errors.Is(res.err, ErrLeaseLost) {
 			return res.err
@@ -231,6 +286,12 @@ func (s *Session) run() {
 				return // closed
 			}
 			next.Reset(s.interval())
+		case s.stale(res):
+			s.giveUp(res.lease, res.err)
+			if err := s.renew(); err != nil {
+				return // closed
+			}
+			next.Reset(s.interval())
 		default:
 			if s.ctx.Err() != nil {
 				return
@@ -245,10 +306,7 @@ func (s *Session) run() {
 // the session closes.
 func (s *Session) renew() error {
 	for {
-		err := s.startLease(s.ctx)
-		if err == nil {
-			err = s.confirmFirst(s.ctx)
-		}
+		err := s.establish(s.ctx)
 		if err == nil || s.ctx.Err() != nil {
 			return s.ctx.Err()
 		}
@@ -326,6 +384,7 @@ func (s *Session) apply(res roundResult) {
 	if s.closed || res.lease != s.lease || deadline <= s.clock.now() {
 		return
 	}
+	s.confirmBy = max(s.confirmBy, deadline)
 	if s.epoch.lease == res.lease && s.epoch.extend(deadline) {
 		s.armGuard()
 		return

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -129,7 +130,7 @@ func (e *Elector) HandOver(ctx context.Context, app int64) (string, error) {
 	if err := e.transferOrDelete(ctx, map[int64]int64{app: token}); err != nil {
 		return "", err
 	}
-	owners, err := e.waitForOthers(ctx, []int64{app})
+	owners, err := e.waitForOthers(ctx, map[int64]int64{app: token})
 	return owners[app], err
 }
 
@@ -159,6 +160,7 @@ func (e *Elector) transfer(ctx context.Context, tokens map[int64]int64) map[int6
 	for app, token := range tokens {
 		id := e.successor(app, e.cfg.ServerID)
 		if id == "" {
+			e.logger.Debug("no successor to hand over to; deleting the key instead", "app_id", app)
 			left[app] = token
 			continue
 		}
@@ -178,6 +180,7 @@ func (e *Elector) transfer(ctx context.Context, tokens map[int64]int64) map[int6
 			chunk := apps[:min(batch, len(apps))]
 			apps = apps[len(chunk):]
 			if err := e.transferBatch(ctx, to, chunk, tokens); err == nil {
+				e.logger.Debug("handed over", "successor", id, "apps", len(chunk))
 				continue
 			} else if len(chunk) == 1 {
 				e.logger.Debug("handover write failed; deleting the key instead", "app_id", chunk[0], "successor", id, "error", err)
@@ -263,16 +266,18 @@ func (e *Elector) transferBatch(ctx context.Context, to handoverTarget, apps []i
 	return nil
 }
 
-// waitForOthers waits until every app in apps is owned by another server
-// and returns who owns each.
-func (e *Elector) waitForOthers(ctx context.Context, apps []int64) (map[int64]string, error) {
-	owners := make(map[int64]string, len(apps))
-	waiting := slices.Clone(apps)
+// waitForOthers waits until every app in tokens (app → the token this
+// server gave up) is owned by another server under a newer token — an
+// entry of the table older than that is a view the watch has not brought
+// up to date — and returns who owns each.
+func (e *Elector) waitForOthers(ctx context.Context, tokens map[int64]int64) (map[int64]string, error) {
+	owners := make(map[int64]string, len(tokens))
+	waiting := slices.Collect(maps.Keys(tokens))
 	for {
 		e.mu.Lock()
 		waiting = slices.DeleteFunc(waiting, func(app int64) bool {
 			k, ok := e.table[app]
-			if ok && k.rec.ServerID != e.cfg.ServerID && k.rec.ServerID != "" {
+			if ok && k.modRev > tokens[app] && k.rec.ServerID != e.cfg.ServerID && k.rec.ServerID != "" {
 				owners[app] = k.rec.ServerID
 				return true
 			}
@@ -286,7 +291,7 @@ func (e *Elector) waitForOthers(ctx context.Context, apps []int64) (map[int64]st
 		select {
 		case <-changed:
 		case <-ctx.Done():
-			return owners, fmt.Errorf("election: %d of %d apps handed over: %w", len(owners), len(apps), ctx.Err())
+			return owners, fmt.Errorf("election: %d of %d apps handed over: %w", len(owners), len(tokens), ctx.Err())
 		}
 	}
 }
@@ -307,6 +312,11 @@ func (e *Elector) handOverAll(ctx context.Context) error {
 		e.lose(o, ReasonResigned)
 	}
 	e.mu.Unlock()
+	unseen, err := e.handedButUnseen(ctx, tokens)
+	if err != nil {
+		return err
+	}
+	maps.Copy(tokens, unseen)
 	if len(tokens) == 0 {
 		return nil
 	}
@@ -319,12 +329,39 @@ func (e *Elector) handOverAll(ctx context.Context) error {
 	if e.successor(0, e.cfg.ServerID) == "" {
 		return nil // nobody to hand over to; the keys are gone, workers will ask
 	}
-	apps := make([]int64, 0, len(tokens))
-	for app := range tokens {
-		apps = append(apps, app)
-	}
-	_, err := e.waitForOthers(ctx, apps)
+	_, err = e.waitForOthers(ctx, tokens)
 	return err
+}
+
+// handedButUnseen returns the apps (app → token) that another server has
+// handed to this one, under its current lease, which are not in known —
+// handovers this server's watch has not shown yet. A server that drains
+// just after a peer handed it an app (its watch can lag by milliseconds,
+// or by its catch-up after a restart) would otherwise leave that app's key
+// naming it, with nobody acting, until its lease ends.
+func (e *Elector) handedButUnseen(ctx context.Context, known map[int64]int64) (map[int64]int64, error) {
+	resp, err := e.cli.Get(ctx, e.keys.OwnerPrefix(), clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("election: read owner keys before handing over: %w", err)
+	}
+	lease := e.session.Lease()
+	unseen := map[int64]int64{}
+	for _, kv := range resp.Kvs {
+		if clientv3.LeaseID(kv.Lease) != lease {
+			continue
+		}
+		app, err := e.keys.AppIDFromOwnerKey(string(kv.Key))
+		if err != nil {
+			continue
+		}
+		if _, ok := known[app]; ok {
+			continue
+		}
+		if rec, err := coord.DecodeOwnerRecord(kv.Value); err == nil && rec.ServerID == e.cfg.ServerID && rec.HandedOverFrom != 0 {
+			unseen[app] = kv.ModRevision
+		}
+	}
+	return unseen, nil
 }
 
 // handingOver reports whether this server is giving app away; if so it

@@ -3,6 +3,8 @@ package election_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -189,6 +191,36 @@ func TestCloseHandsEverythingOverAndEndsEveryOwnership(t *testing.T) {
 	}
 	if err := a.el.Close(ctx); err != nil {
 		t.Errorf("second Close: %v", err)
+	}
+	for _, p := range c.rec.check() {
+		t.Error(p)
+	}
+}
+
+// A server that drains moments after a peer handed it an app — before its
+// watch has shown the handover — passes the app on instead of leaving it
+// named by a server that will never act for it.
+func TestDrainJustAfterAHandoverPassesTheAppOn(t *testing.T) {
+	c := newCluster(t, 1, 2*time.Second)
+	cur := c.addNode("n0")
+	app := c.register(t, "x")[0]
+	electAll(t, c, cur, []int64{app})
+	for i := 1; i <= 10; i++ {
+		next := c.addNode(fmt.Sprintf("n%d", i))
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err := cur.el.Close(ctx) // hands the app to next, the only other server
+		cancel()
+		if err != nil {
+			t.Fatalf("drain of %s: %v", cur.id, err)
+		}
+		c.nodes = slices.DeleteFunc(c.nodes, func(n *node) bool { return n == cur })
+		if owner, _ := c.ownerOf(t, app); owner != next.id {
+			t.Fatalf("after %s drained the app is owned by %q, want %s", cur.id, owner, next.id)
+		}
+		cur = next
+	}
+	if !c.rec.wait(5*time.Second, func([]event) bool { _, ok := cur.el.Token(app); return ok }) {
+		t.Fatalf("%s, the last to be handed the app, is not acting", cur.id)
 	}
 	for _, p := range c.rec.check() {
 		t.Error(p)
