@@ -2,9 +2,7 @@ package election_test
 
 import (
 	"context"
-	"fmt"
 	"slices"
-	"sync"
 	"testing"
 	"time"
 
@@ -138,44 +136,4 @@ func BenchmarkHandOver(b *testing.B) {
 	b.ReportMetric(float64(put.Microseconds())/1000, "put-p50-ms")
 	slices.Sort(samples)
 	b.ReportMetric(float64(samples[len(samples)/2])/float64(put), "x-put")
-}
-
-// BenchmarkColdElections: 1,000 registered apps with no owner, elected
-// once each through the three electors (each app asked of one of them,
-// 48 requests in flight). Reports apps per second.
-func BenchmarkColdElections(b *testing.B) {
-	const apps = 1000
-	for i := 0; i < b.N; i++ {
-		b.StopTimer()
-		c := newCluster(b, 1, 5*time.Second)
-		for _, id := range []string{"s1", "s2", "s3"} {
-			c.addNode(id)
-		}
-		ids := c.registerN(b, apps)
-		work := make(chan int64, apps)
-		for _, id := range ids {
-			work <- id
-		}
-		close(work)
-		b.StartTimer()
-		start := time.Now()
-		var wg sync.WaitGroup
-		for w := 0; w < 48; w++ {
-			n := c.nodes[w%3]
-			wg.Go(func() {
-				for app := range work {
-					if _, err := n.el.Elect(context.Background(), app, coord.ProtocolHTTP, ""); err != nil {
-						b.Error(fmt.Errorf("app %d: %w", app, err))
-					}
-				}
-			})
-		}
-		wg.Wait()
-		b.ReportMetric(apps/time.Since(start).Seconds(), "apps/s")
-		b.StopTimer()
-		for _, n := range c.nodes {
-			n.close()
-		}
-		c.etcd.Close()
-	}
 }

@@ -14,7 +14,7 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 start=$(date +%s)
 {
-	go test ./election -run '^$' -bench 'RevokeToNewOwner|HandOver|ColdElections' -benchtime 20x -count 1 -timeout 20m
+	go test ./election -run '^$' -bench 'RevokeToNewOwner|HandOver' -benchtime 20x -count 1 -timeout 20m
 	go test ./integration -run '^$' -bench 'CrashFailover|GracefulHandover' -benchtime 20x -count 1 -timeout 30m
 	go test ./integration -run '^$' -bench 'ColdStart|Memory|SteadyState' -benchtime 1x -count 1 -timeout 20m
 } 2>&1 | grep -E '^(Benchmark|ok|FAIL|goos|goarch|cpu|pkg)' | tee "$out"

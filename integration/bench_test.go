@@ -55,7 +55,6 @@ func (bc *benchCluster) addNode(listen string) *server.Node {
 	cfg := server.DefaultConfig()
 	cfg.Client = testutil.Client(bc.b, bc.etcd)
 	cfg.Prefix, cfg.ServerID, cfg.TTL, cfg.Listen = prefix, fmt.Sprintf("s%d", bc.seq), ttl, listen
-	cfg.Logger = testutil.Logger(bc.b).Named(cfg.ServerID)
 	n, err := server.NewNode(cfg)
 	if err != nil {
 		bc.b.Fatal(err)
