@@ -53,7 +53,9 @@
 // app, each app's on a goroutine that exists only while it has callbacks
 // to run. OnLose always follows its OnAcquire, Close included.
 //
-// Never delete or write owner keys by hand: a server learns of a foreign
-// write only through its watch, so a hand-made deletion lets the successor
-// start before the old owner has stopped.
+// Never delete or write owner keys by hand, and never revoke a server's
+// lease by hand: a server learns of a foreign write only through its
+// watch, so a hand-made deletion or revoke lets the successor start before
+// the old owner has stopped — by the skew between the two servers' watch
+// deliveries, a few milliseconds (TestRevokedOwnerIsReplacedBySuccessors).
 package election

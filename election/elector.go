@@ -102,7 +102,7 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	e.rewatch = make(chan struct{}, 1)
-	rev, err := e.reload(ctx)
+	w, err := e.openWatch(ctx, 1)
 	if err != nil {
 		e.cancel()
 		e.members.Close()
@@ -115,7 +115,7 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 		}
 		return e.cli.RequestProgress(*wctx)
 	})
-	e.loops.Go(func() { e.watchLoop(rev) })
+	e.loops.Go(func() { e.watchLoop(w) })
 	e.loops.Go(e.epochLoop)
 	e.loops.Go(e.membersLoop)
 	for range cfg.ElectionConcurrency {
@@ -144,50 +144,86 @@ func (e *Elector) ServerID() string { return e.cfg.ServerID }
 // delivering would otherwise keep every round from confirming while the
 // rounds' keepalives keep the lease — and with it this server's place as
 // successor — alive.
-func (e *Elector) watchLoop(rev int64) {
-	for gen := 1; ; gen++ {
-		md := metadata.AppendToOutgoingContext(clientv3.WithRequireLeader(e.ctx), "baton-owner-watch", strconv.Itoa(gen))
-		wctx, cancel := context.WithCancel(md)
-		e.watchCtx.Store(&wctx)
-		opts := []clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithRev(rev + 1), clientv3.WithPrevKV()}
-		wch := e.cli.Watch(wctx, e.keys.OwnerPrefix(), opts...)
+func (e *Elector) watchLoop(w ownerWatch) {
+	for gen := 2; ; gen++ {
 	follow:
 		for {
 			select {
-			case resp, ok := <-wch:
+			case resp, ok := <-w.ch:
 				if !ok || resp.Err() != nil {
 					e.logger.Debug("owner watch broke, reading again", "error", resp.Err())
 					break follow
 				}
-				e.observe(resp.Events)
-				rev = resp.Header.Revision
-				e.session.WatchCaughtUp(rev)
+				e.observe(w.after(resp.Events))
+				e.session.WatchCaughtUp(resp.Header.Revision)
 			case <-e.rewatch:
 				e.logger.Info("guard unconfirmed: restarting the owner watch on a new stream")
 				break follow
 			case <-e.ctx.Done():
-				cancel()
+				w.cancel()
 				return
 			}
 		}
-		cancel()
+		w.cancel()
 		for {
-			if e.ctx.Err() != nil {
-				return
-			}
 			ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
-			r, err := e.reload(ctx)
+			var err error
+			w, err = e.openWatch(ctx, gen)
 			cancel()
 			if err == nil {
-				rev = r
 				break
 			}
-			e.logger.Debug("reading owner keys failed, retrying", "error", err)
+			e.logger.Debug("restarting the owner watch failed, retrying", "error", err)
 			if backoff.Sleep(e.ctx, 200*time.Millisecond) != nil {
 				return
 			}
 		}
 	}
+}
+
+// ownerWatch is one generation of the owner watch.
+type ownerWatch struct {
+	ch      clientv3.WatchChan
+	cancel  context.CancelFunc
+	readRev int64 // the table holds everything up to here
+}
+
+// after drops the events the table already holds from the read.
+func (w ownerWatch) after(events []*clientv3.Event) []*clientv3.Event {
+	for len(events) > 0 && events[0].Kv.ModRevision <= w.readRev {
+		events = events[1:]
+	}
+	return events
+}
+
+// openWatch starts generation gen of the owner watch on a gRPC stream of
+// its own (its metadata differs from every earlier generation's), waits
+// until etcd has created it, and only then reads every owner key into the
+// table. A watch created from the current revision is "synced" in etcd at
+// once, so progress notifications answer it right away; one started from
+// an older revision would wait for etcd's catch-up loop (up to 100 ms) —
+// time in which this server would not see an app handed to it.
+func (e *Elector) openWatch(ctx context.Context, gen int) (ownerWatch, error) {
+	md := metadata.AppendToOutgoingContext(clientv3.WithRequireLeader(e.ctx), "baton-owner-watch", strconv.Itoa(gen))
+	wctx, cancel := context.WithCancel(md)
+	wch := e.cli.Watch(wctx, e.keys.OwnerPrefix(), clientv3.WithPrefix(), clientv3.WithPrevKV(), clientv3.WithCreatedNotify())
+	select {
+	case resp, ok := <-wch:
+		if !ok || resp.Err() != nil || !resp.Created {
+			cancel()
+			return ownerWatch{}, fmt.Errorf("election: watch owner keys: %v", resp.Err())
+		}
+	case <-ctx.Done():
+		cancel()
+		return ownerWatch{}, ctx.Err()
+	}
+	rev, err := e.reload(ctx)
+	if err != nil {
+		cancel()
+		return ownerWatch{}, err
+	}
+	e.watchCtx.Store(&wctx)
+	return ownerWatch{ch: wch, cancel: cancel, readRev: rev}, nil
 }
 
 // reload replaces the table with a fresh read and reconciles: ownerships

@@ -48,6 +48,13 @@ func ownedByOthers(c *cluster, apps []int64, not string) func([]event) bool {
 	}
 }
 
+// A lease revoked from outside (an operator's etcdctl lease revoke) is the
+// one deletion that does not prove its owner stopped: the owner learns of
+// it from its watch at about the moment its successors do, and they act
+// after one election. Their intervals may therefore overlap by the skew
+// between two servers' watch deliveries — a few milliseconds — which is
+// why the documentation forbids revoking a server's lease by hand. This
+// test bounds that overlap generously; every other promise holds exactly.
 func TestRevokedOwnerIsReplacedBySuccessors(t *testing.T) {
 	c := newCluster(t, 1, 2*time.Second)
 	a := c.addNode("a")
@@ -74,9 +81,11 @@ func TestRevokedOwnerIsReplacedBySuccessors(t *testing.T) {
 			t.Errorf("app %d owned by %s, successor is %s", app, owner, want)
 		}
 	}
-	for _, p := range c.rec.check() {
+	problems, worst := c.rec.checkTolerating(500 * time.Millisecond)
+	for _, p := range problems {
 		t.Error(p)
 	}
+	t.Logf("longest overlap of the revoked owner and a successor: %v", worst)
 }
 
 func TestBlackholedOwnerStopsBeforeAnyoneElseStarts(t *testing.T) {

@@ -150,9 +150,16 @@ func (r *recorder) owners() map[int64][]string {
 // servers' ownership intervals of one app: an interval runs from acquire
 // to its cancel.
 func (r *recorder) check() []string {
+	problems, _ := r.checkTolerating(0)
+	return problems
+}
+
+// checkTolerating is check, except that overlaps no longer than tolerance
+// are not problems; it also returns the longest overlap seen.
+func (r *recorder) checkTolerating(tolerance time.Duration) (problems []string, worst time.Duration) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	problems := append([]string(nil), r.problems...)
+	problems = append(problems, r.problems...)
 	type interval struct {
 		server     string
 		token      int64
@@ -188,6 +195,18 @@ func (r *recorder) check() []string {
 					bEnd = time.Now()
 				}
 				if a.start.Before(bEnd) && b.start.Before(aEnd) {
+					end, start := aEnd, a.start
+					if bEnd.Before(end) {
+						end = bEnd
+					}
+					if b.start.After(start) {
+						start = b.start
+					}
+					overlap := end.Sub(start)
+					worst = max(worst, overlap)
+					if overlap <= tolerance {
+						continue
+					}
 					problems = append(problems, fmt.Sprintf("app %d: %s (token %d, %v–%v) and %s (token %d, %v–%v) overlap",
 						app, a.server, a.token, a.start.Format("15:04:05.000000"), aEnd.Format("15:04:05.000000"),
 						b.server, b.token, b.start.Format("15:04:05.000000"), bEnd.Format("15:04:05.000000")))
@@ -207,5 +226,5 @@ func (r *recorder) check() []string {
 			}
 		}
 	}
-	return problems
+	return problems, worst
 }
