@@ -318,7 +318,7 @@ func (e *Elector) liveOwner(ctx context.Context, app int64, val []byte, lease cl
 	if e.cfg.Pinger == nil {
 		return owner{serverID: rec.ServerID, protocols: rec.Protocols}, true
 	}
-	if down[rec.ServerID] {
+	if down[rec.ServerID] || e.unanswered.recently(rec.ServerID, e.cfg.Clock.Now()) {
 		return owner{}, false
 	}
 	pctx, cancel := context.WithTimeout(ctx, e.cfg.PingTimeout)
@@ -327,7 +327,9 @@ func (e *Elector) liveOwner(ctx context.Context, app int64, val []byte, lease cl
 	if err != nil {
 		e.logger.Info("owner did not answer a ping", "app_id", app, "owner", rec.ServerID, "error", err)
 		down[rec.ServerID] = true
+		e.unanswered.mark(rec.ServerID, e.cfg.Clock.Now().Add(e.cfg.PingTimeout))
 		return owner{}, false
 	}
+	e.unanswered.clear(rec.ServerID)
 	return owner{serverID: rec.ServerID, protocols: protocols}, true
 }

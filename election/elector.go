@@ -53,8 +53,10 @@ type Elector struct {
 	queues    map[int64]*callbackQueue
 	known     map[int64]bool // app ids seen in the registry
 	takeover  takeoverQueue
-	draining  bool
-	closed    bool
+	// unanswered is guarded by its own mutex: pings run without e.mu.
+	unanswered unansweredPings
+	draining   bool
+	closed     bool
 }
 
 // ownerKey is one app's owner key as last seen.

@@ -177,6 +177,41 @@ func TestTakeoverFromAnUnreachableLiveOwnerWaitsItsTTL(t *testing.T) {
 	}
 }
 
+// A server that did not answer a ping is not pinged again by the next
+// elections for one PingTimeout: taking over many apps of a hung server
+// costs one ping timeout, not one per app.
+func TestAnUnansweredPingIsRememberedAcrossElections(t *testing.T) {
+	c := newCluster(t, 1, 2*time.Second)
+	a := c.addNode("a")
+	b := c.addNode("b")
+	apps := c.registerN(t, 10)
+	electAll(t, c, a, apps)
+
+	c.pinger.setDown(a.addr, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	for _, app := range apps {
+		if addr, err := b.el.Elect(ctx, app, coord.ProtocolHTTP, a.addr); err != nil || addr != b.addr {
+			t.Fatalf("Elect app %d on b = %q, %v; want b's address", app, addr, err)
+		}
+	}
+	took := time.Since(start)
+	// A ping that times out costs one PingTimeout and is then remembered
+	// for one more, so at most one ping per two PingTimeouts of elapsed
+	// time (1 on an idle machine; without the memory there are 10).
+	if n, most := c.pinger.pings(a.addr), 1+int(took/(2*testPingTimeout)); n > most {
+		t.Errorf("a was pinged %d times by 10 elections in %v; want at most %d", n, took, most)
+	}
+	t.Logf("10 elections over a hung owner took %v with %d pings (PingTimeout %v)", took, c.pinger.pings(a.addr), testPingTimeout)
+	if !c.rec.wait(3*c.ttl, func([]event) bool { return len(b.el.Owned()) == len(apps) }) {
+		t.Fatalf("b acts for %d of %d apps", len(b.el.Owned()), len(apps))
+	}
+	for _, p := range c.rec.check() {
+		t.Error(p)
+	}
+}
+
 // An app handed over during its takeover wait (its new owner overwrote a
 // live key, so the old owner may still act) passes on only when the wait
 // is over: the next owner starts at once, so it must not be written

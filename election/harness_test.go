@@ -27,24 +27,35 @@ type node struct {
 	el      *election.Elector
 }
 
+// testPingTimeout is every test node's PingTimeout.
+const testPingTimeout = 200 * time.Millisecond
+
 // pinger answers pings for the nodes of a test; a node marked down does
 // not answer.
 type pinger struct {
 	mu    sync.Mutex
 	nodes map[string]coord.Protocols // address → protocols
 	down  map[string]bool
+	asked map[string]int // pings per address
 }
 
 func (p *pinger) Ping(ctx context.Context, address string) (coord.Protocols, error) {
 	p.mu.Lock()
 	protos, ok := p.nodes[address]
 	down := p.down[address]
+	p.asked[address]++
 	p.mu.Unlock()
 	if !ok || down {
 		<-ctx.Done() // an unreachable server times out
 		return nil, fmt.Errorf("ping %s: %w", address, ctx.Err())
 	}
 	return protos, nil
+}
+
+func (p *pinger) pings(address string) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.asked[address]
 }
 
 func (p *pinger) setDown(address string, down bool) {
@@ -70,7 +81,7 @@ func newCluster(t testing.TB, etcdMembers int, ttl time.Duration) *cluster {
 	keys, _ := coord.NewKeys("")
 	return &cluster{
 		t: t, etcd: e, keys: keys, ttl: ttl,
-		pinger: &pinger{nodes: map[string]coord.Protocols{}, down: map[string]bool{}},
+		pinger: &pinger{nodes: map[string]coord.Protocols{}, down: map[string]bool{}, asked: map[string]int{}},
 		rec:    newRecorder(),
 	}
 }
@@ -132,7 +143,7 @@ func (c *cluster) addNode(id string, opts ...nodeOption) *node {
 	cfg.ServerID = id
 	cfg.Protocols = protos
 	cfg.Pinger = c.pinger
-	cfg.PingTimeout = 200 * time.Millisecond
+	cfg.PingTimeout = testPingTimeout
 	cfg.Logger = testutil.Logger(t).Named(id)
 	cfg.Callbacks = c.rec.callbacks(id)
 	if o.cfg != nil {
