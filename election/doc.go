@@ -23,8 +23,10 @@
 //
 // # Taking an app from another server
 //
-// Elect pings a foreign owner (Config.Pinger) before taking its app. If the
-// owner is alive in etcd but does not answer, Elect overwrites its key; the
+// Elect pings a foreign owner (Config.Pinger) before taking its app; a
+// server that did not answer is not pinged again by this server's other
+// elections for one PingTimeout. If the owner is alive in etcd but does
+// not answer, Elect overwrites its key; the
 // old owner stops at the latest when its guard fires, which can be up to
 // its TTL after the overwrite (a round that started just before the
 // overwrite can still be extending its deadline). So the new owner's
