@@ -30,11 +30,11 @@
 // lease; when etcd has lost the lease it grants a new one, calls OnLease
 // and starts an epoch on that.
 //
-// A lease whose keepalives succeed while its rounds keep failing after
-// them (the read, or the watch never catching up) is given up a TTL after
-// its last deadline: revoked, so that its keys go and other servers take
-// its apps — etcd would keep it forever, and with it a server that cannot
-// act — and a new lease is started, as after a loss.
+// A lease whose rounds keep failing only at the watch step (keepalive and
+// read succeed, the watch never catches up) is given up a TTL after its
+// last deadline: revoked, so that its keys go and other servers take its
+// apps — etcd would keep it forever, and with it a server that cannot act
+// — and a new lease is started, as after a loss.
 //
 // etcd's own client computes a lease's deadline from when a keepalive
 // response arrived and checks it once a second; with a blackholed

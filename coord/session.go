@@ -213,12 +213,15 @@ func (s *Session) establish(ctx context.Context) error {
 var errGaveUp = errors.New("coord: lease given up")
 
 // stale reports whether a failed round shows a lease that etcd keeps alive
-// (the keepalive succeeded) but that has gone unconfirmed for a whole TTL
-// past its last deadline — the read or the watch keeps failing. Such a
+// and answers for (the keepalive and the read succeeded) while the watch
+// never catches up, for a whole TTL past the lease's last deadline. Such a
 // lease must go: it keeps this server's keys, and with them its apps and
-// its place as successor, while the server cannot act.
+// its place as successor, while the server cannot act. Rounds failing at
+// the keepalive or the read do not count: that is etcd being slow or
+// unreachable (a write storm delays both), which passes, and after which
+// the same lease and tokens come back.
 func (s *Session) stale(res roundResult) bool {
-	if res.err == nil || res.ttl <= 0 || errors.Is(res.err, ErrLeaseLost) {
+	if !res.watchBehind {
 		return false
 	}
 	s.mu.Lock()
@@ -323,6 +326,9 @@ type roundResult struct {
 	start int64         // when the round started, monoClock
 	ttl   time.Duration // TTL the keepalive acknowledged
 	err   error
+	// watchBehind: the keepalive and the read succeeded, and only the
+	// watch failed to catch up.
+	watchBehind bool
 }
 
 // round runs one confirmation round (see the package documentation):
@@ -369,6 +375,7 @@ func (s *Session) round(ctx context.Context) roundResult {
 	}
 	if err := s.watch.waitCaughtUp(ctx, get.Header.Revision); err != nil {
 		res.err = fmt.Errorf("coord: watch progress to revision %d: %w", get.Header.Revision, err)
+		res.watchBehind = true
 	}
 	return res
 }
