@@ -89,34 +89,5 @@ func txnPutRate(b *testing.B, clients []*clientv3.Client, n int) (float64, float
 // raftCommits reads etcd's etcd_server_proposals_committed_total gauge
 // (default registry; one embedded member).
 func raftCommits(b *testing.B) float64 {
-	return gatherDefault(b, "etcd_server_proposals_committed_total")
-}
-
-// gatherDefault sums a counter or gauge of the default registry, where the
-// embedded etcd registers its metrics.
-func gatherDefault(b *testing.B, name string) float64 {
-	return sumMetric(b, prometheus.DefaultGatherer, name)
-}
-
-// sumMetric sums a counter or gauge over all its label values.
-func sumMetric(b testing.TB, g prometheus.Gatherer, name string) float64 {
-	fams, err := g.Gather()
-	if err != nil {
-		b.Fatal(err)
-	}
-	var sum float64
-	for _, f := range fams {
-		if f.GetName() != name {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			switch {
-			case m.GetCounter() != nil:
-				sum += m.GetCounter().GetValue()
-			case m.GetGauge() != nil:
-				sum += m.GetGauge().GetValue()
-			}
-		}
-	}
-	return sum
+	return testutil.Metric(b, prometheus.DefaultGatherer, "etcd_server_proposals_committed_total", "")
 }

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/batonhq/baton/internal/testutil"
 )
 
 // BenchmarkSteadyState: three servers owning 10,000 apps; 1,000 workers
@@ -37,9 +39,9 @@ func BenchmarkSteadyState(b *testing.B) {
 		startFleet(b, fleetConfig{N: workers, App: every10th, Servers: bc.addrs(), Stagger: true, Registerer: polling})
 
 		const http = "baton_worker_http_requests_total"
-		rpc0, w0, p0 := etcdRPCs(b), sumMetric(b, watching, http), sumMetric(b, polling, http)
+		rpc0, w0, p0 := etcdRPCs(b), testutil.Metric(b, watching, http, ""), testutil.Metric(b, polling, http, "")
 		time.Sleep(idle) // the idle window being measured
-		rpc1, w1, p1 := etcdRPCs(b), sumMetric(b, watching, http), sumMetric(b, polling, http)
+		rpc1, w1, p1 := etcdRPCs(b), testutil.Metric(b, watching, http, ""), testutil.Metric(b, polling, http, "")
 
 		secs := idle.Seconds()
 		var total float64

@@ -252,7 +252,7 @@ func TestWorkerPartitionedFromItsServer(t *testing.T) {
 	// Let several polling rounds go by, each asking n1 (times out) and
 	// then the others, who vouch for n1.
 	testutil.Eventually(t, 15*time.Second, "five discovery rounds", func() bool {
-		return sumMetric(t, rounds, "baton_worker_rounds_total") >= 5
+		return testutil.Metric(t, rounds, "baton_worker_rounds_total", "") >= 5
 	})
 	ps[0].front.UnblackholeTx()
 	ps[0].front.UnblackholeRx()

@@ -137,36 +137,7 @@ func (r *recorder) isolations() int {
 // metric sums the worker's metric name (with label value, if given).
 func (r *recorder) metric(t testing.TB, name, label string) float64 {
 	t.Helper()
-	families, err := r.registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sum float64
-	for _, f := range families {
-		if f.GetName() != name {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			if label != "" {
-				match := false
-				for _, l := range m.GetLabel() {
-					if l.GetValue() == label {
-						match = true
-					}
-				}
-				if !match {
-					continue
-				}
-			}
-			switch {
-			case m.Counter != nil:
-				sum += m.Counter.GetValue()
-			case m.Gauge != nil:
-				sum += m.Gauge.GetValue()
-			}
-		}
-	}
-	return sum
+	return testutil.Metric(t, r.registry, name, label)
 }
 
 // deadAddr returns a loopback address nothing listens on.
