@@ -147,7 +147,7 @@ func attachStallableWatch(t *testing.T, cli *clientv3.Client, s *coord.Session) 
 // stall stops the watch's reports and moves etcd's revision past what it
 // reported (a stalled watch only matters then: nothing newer can have
 // been missed before), and waits for the guard to fire.
-func (w *stallableWatch) stall(t *testing.T, cli *clientv3.Client, ep *coord.Epoch, ttl time.Duration) time.Time {
+func (w *stallableWatch) stall(t *testing.T, cli *clientv3.Client, ep *coord.Epoch, ttl time.Duration) {
 	w.stalled.Store(true)
 	if _, err := cli.Put(context.Background(), "/elsewhere", "moves the revision"); err != nil {
 		t.Fatal(err)
@@ -160,7 +160,6 @@ func (w *stallableWatch) stall(t *testing.T, cli *clientv3.Client, ep *coord.Epo
 	if !errors.Is(ep.Err(), coord.ErrUnconfirmed) {
 		t.Fatalf("epoch ended with %v, want ErrUnconfirmed", ep.Err())
 	}
-	return time.Now()
 }
 
 // With a watch attached (the elector's owner-key watch), a round
@@ -216,7 +215,8 @@ func TestALeaseKeptAliveButNeverConfirmedIsGivenUp(t *testing.T) {
 	s := newSession(t, cli, time.Second, func(context.Context, clientv3.LeaseID) error { leases.Add(1); return nil })
 	w := attachStallableWatch(t, cli, s)
 	ep := s.Epoch()
-	fired := w.stall(t, cli, ep, s.TTL())
+	w.stall(t, cli, ep, s.TTL())
+	deadline := ep.Deadline() // the guard fired here
 
 	var gone time.Time
 	testutil.Eventually(t, 5*s.TTL(), "the unconfirmed lease to be given up", func() bool {
@@ -227,10 +227,9 @@ func TestALeaseKeptAliveButNeverConfirmedIsGivenUp(t *testing.T) {
 		}
 		return false
 	})
-	// Not before a whole TTL past the deadline (the guard fired at it),
-	// and not as late as etcd would have expired it had the keepalives
-	// stopped at the deadline and a TTL on top.
-	if after := gone.Sub(fired); after < s.TTL() || after > 3*s.TTL() {
+	// Not before a whole TTL past the deadline, when the guard fired;
+	// and soon after that (three TTLs is a bound a loaded machine keeps).
+	if after := gone.Sub(deadline); after < s.TTL() || after > 3*s.TTL() {
 		t.Errorf("lease given up %v after the guard fired; want between one and three TTLs (%v)", after, s.TTL())
 	} else {
 		t.Logf("lease given up %v after the guard fired (TTL %v)", after, s.TTL())
