@@ -9,6 +9,7 @@ import (
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/election"
+	"github.com/batonhq/baton/internal/testutil"
 )
 
 // electAll makes n elect every app and waits until it acts for them.
@@ -279,6 +280,40 @@ func TestFenceRejectsWritesAfterOwnershipMoved(t *testing.T) {
 	}
 	if _, err := a.el.Fence(app); err == nil {
 		t.Fatal("Fence after handover gave no error")
+	}
+}
+
+// When the successor's lease cannot be written to (here a membership key
+// bound to no lease, as only a hand-made key can be), HandOver falls back
+// to Resign's deletion instead of writing a record nobody keeps alive.
+func TestHandOverFallsBackToDeletionWhenTheSuccessorCannotBeWritten(t *testing.T) {
+	c := newCluster(t, 1, 2*time.Second)
+	a := c.addNode("a")
+	ghost, err := c.keys.Server("ghost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec, err := coord.ServerRecord{ServerID: "ghost", Protocols: coord.Protocols{coord.ProtocolHTTP: {Address: "ghost:1"}}, StartedAt: time.Now()}.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.etcd.Client().Put(context.Background(), ghost, string(rec)); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 5*time.Second, "a to see the ghost member", func() bool { return len(a.el.Members().Servers()) == 2 })
+	app := c.register(t, "x")[0]
+	electAll(t, c, a, []int64{app})
+	_, token := c.ownerOf(t, app)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	watch := c.etcd.Client().Watch(ctx, c.keys.Owner(app), clientv3.WithRev(token+1))
+	if _, err := a.el.HandOver(ctx, app); err == nil {
+		t.Fatal("HandOver to a successor that never acts returned no error")
+	}
+	resp := <-watch
+	if len(resp.Events) == 0 || resp.Events[0].Type != clientv3.EventTypeDelete {
+		t.Fatalf("first change after the handover: %v, want the key's deletion", resp.Events)
 	}
 }
 
