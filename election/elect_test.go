@@ -97,9 +97,7 @@ func TestConcurrentElectionsGiveOneOwnerPerApp(t *testing.T) {
 			t.Fatalf("hand over app %d: %v", app, err)
 		}
 	}
-	for _, p := range c.rec.check() {
-		t.Error(p)
-	}
+	c.rec.expectClean(t)
 }
 
 func TestElectRejectsBadRequests(t *testing.T) {

@@ -120,9 +120,7 @@ func TestBlackholedOwnerStopsBeforeAnyoneElseStarts(t *testing.T) {
 			t.Logf("a stopped %v after the cut, %s started %v after it (%v later)", aEnd.Sub(cut), owner, start.Sub(cut), start.Sub(aEnd))
 		}
 	}
-	for _, p := range c.rec.check() {
-		t.Error(p)
-	}
+	c.rec.expectClean(t)
 }
 
 func TestTakeoverFromAnUnreachableLiveOwnerWaitsItsTTL(t *testing.T) {
@@ -173,9 +171,7 @@ func TestTakeoverFromAnUnreachableLiveOwnerWaitsItsTTL(t *testing.T) {
 	if aEnd.IsZero() || !aEnd.Before(acq) || reason != election.ReasonDeposed {
 		t.Errorf("a ended at %v (reason %q), b acquired at %v", aEnd.Sub(start), reason, acq.Sub(start))
 	}
-	for _, p := range c.rec.check() {
-		t.Error(p)
-	}
+	c.rec.expectClean(t)
 }
 
 // A server that did not answer a ping is not pinged again by the next
@@ -208,9 +204,7 @@ func TestAnUnansweredPingIsRememberedAcrossElections(t *testing.T) {
 	if !c.rec.wait(3*c.ttl, func([]event) bool { return len(b.el.Owned()) == len(apps) }) {
 		t.Fatalf("b acts for %d of %d apps", len(b.el.Owned()), len(apps))
 	}
-	for _, p := range c.rec.check() {
-		t.Error(p)
-	}
+	c.rec.expectClean(t)
 }
 
 // An app handed over during its takeover wait (its new owner overwrote a
@@ -246,9 +240,7 @@ func TestHandOverDuringATakeoverWaitWaitsItOut(t *testing.T) {
 	if wait := acq.Sub(start); wait < a.session.TTL() {
 		t.Errorf("%s acted %v after b overwrote a's live key; not before a's TTL %v", to, wait, a.session.TTL())
 	}
-	for _, p := range c.rec.check() {
-		t.Error(p)
-	}
+	c.rec.expectClean(t)
 }
 
 func TestFenceRejectsWritesAfterOwnershipMoved(t *testing.T) {
@@ -344,9 +336,7 @@ func TestHandOverBackAndForth(t *testing.T) {
 	if !c.rec.wait(5*time.Second, func([]event) bool { _, ok := a.el.Token(app); return ok }) {
 		t.Fatal("a is not acting after the app came back")
 	}
-	for _, p := range c.rec.check() {
-		t.Error(p)
-	}
+	c.rec.expectClean(t)
 }
 
 func TestHandOverReturnsOnceTheSuccessorOwnsAndWorkersSeeOneNewOwner(t *testing.T) {

@@ -152,9 +152,7 @@ func TestGuardFiringSuspendsAndTheSameTokenComesBack(t *testing.T) {
 	if err := a.el.Healthy(); err != nil {
 		t.Errorf("Healthy() after recovery: %v", err)
 	}
-	for _, p := range c.rec.check() {
-		t.Error(p)
-	}
+	c.rec.expectClean(t)
 }
 
 func TestCloseHandsEverythingOverAndEndsEveryOwnership(t *testing.T) {
@@ -192,9 +190,7 @@ func TestCloseHandsEverythingOverAndEndsEveryOwnership(t *testing.T) {
 	if err := a.el.Close(ctx); err != nil {
 		t.Errorf("second Close: %v", err)
 	}
-	for _, p := range c.rec.check() {
-		t.Error(p)
-	}
+	c.rec.expectClean(t)
 }
 
 // A server that drains moments after a peer handed it an app — before its
@@ -222,9 +218,7 @@ func TestDrainJustAfterAHandoverPassesTheAppOn(t *testing.T) {
 	if !c.rec.wait(5*time.Second, func([]event) bool { _, ok := cur.el.Token(app); return ok }) {
 		t.Fatalf("%s, the last to be handed the app, is not acting", cur.id)
 	}
-	for _, p := range c.rec.check() {
-		t.Error(p)
-	}
+	c.rec.expectClean(t)
 }
 
 func TestConfigValidationNamesTheField(t *testing.T) {

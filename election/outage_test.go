@@ -56,7 +56,5 @@ func TestRecoversAfterEtcdWasEntirelyDown(t *testing.T) {
 		t.Fatalf("after etcd came back, owners are %v", c.rec.owners())
 	}
 	t.Logf("every app owned %v after etcd came back", time.Since(back))
-	for _, p := range c.rec.check() {
-		t.Error(p)
-	}
+	c.rec.expectClean(t)
 }

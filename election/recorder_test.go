@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"testing"
 	"time"
 
 	"github.com/batonhq/baton/election"
@@ -152,6 +153,14 @@ func (r *recorder) owners() map[int64][]string {
 func (r *recorder) check() []string {
 	problems, _ := r.checkTolerating(0)
 	return problems
+}
+
+// expectClean reports every problem check finds as a test error.
+func (r *recorder) expectClean(t *testing.T) {
+	t.Helper()
+	for _, p := range r.check() {
+		t.Error(p)
+	}
 }
 
 // checkTolerating is check, except that overlaps no longer than tolerance

@@ -39,13 +39,7 @@ func crashTrials(b *testing.B, n int, withEtcd bool) []time.Duration {
 	f := startFleet(b, fc)
 	var samples []time.Duration
 	for b.Loop() {
-		owner := bc.owner(app)
-		if owner == nil {
-			b.Fatal("no owner")
-		}
-		if _, ok := f.followedAt(owner.Addr(), 30*time.Second); !ok {
-			b.Fatal("workers not at the owner before the crash")
-		}
+		owner := bc.settledOwner(app, f)
 		start := time.Now()
 		owner.Kill()
 		next := bc.newOwner(app, owner)

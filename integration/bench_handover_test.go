@@ -18,13 +18,7 @@ func BenchmarkGracefulHandover(b *testing.B) {
 	f := startFleet(b, fleetConfig{N: 1000, App: oneApp("bench"), Etcd: bc.etcd, Servers: bc.addrs()})
 	var samples []time.Duration
 	for b.Loop() {
-		owner := bc.owner(app)
-		if owner == nil {
-			b.Fatal("no owner")
-		}
-		if _, ok := f.followedAt(owner.Addr(), 30*time.Second); !ok {
-			b.Fatal("workers not at the owner before the drain")
-		}
+		owner := bc.settledOwner(app, f)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		start := time.Now()
 		err := owner.Drain(ctx)

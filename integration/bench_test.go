@@ -114,6 +114,19 @@ func (bc *benchCluster) owner(app int64) *server.Node {
 	return nil
 }
 
+// settledOwner returns app's owner once every worker of f points at it:
+// the state each trial starts from.
+func (bc *benchCluster) settledOwner(app int64, f *fleet) *server.Node {
+	owner := bc.owner(app)
+	if owner == nil {
+		bc.b.Fatal("no owner")
+	}
+	if _, ok := f.followedAt(owner.Addr(), 30*time.Second); !ok {
+		bc.b.Fatal("workers not at the owner before the trial")
+	}
+	return owner
+}
+
 // newOwner waits until someone other than old owns app in etcd.
 func (bc *benchCluster) newOwner(app int64, old *server.Node) *server.Node {
 	deadline := time.Now().Add(30 * time.Second)
