@@ -1,6 +1,7 @@
 package coord
 
 import (
+	"context"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -11,25 +12,28 @@ import (
 // An Epoch is one unbroken period during which a Session's guard holds:
 // every moment of it is covered by a confirmation round, so the server may
 // act as owner of what it holds under the lease. An epoch ends — Done is
-// closed — when its guard deadline passes without a newer confirmation,
-// when the lease is lost, or when the session closes; it never restarts.
-// When confirmations resume, the session starts a new Epoch (on the same
-// lease if etcd still has it, else on a new one).
+// closed and Context cancelled — when its guard deadline passes without a
+// newer confirmation, when the lease is lost, or when the session closes;
+// it never restarts. When confirmations resume, the session starts a new
+// Epoch (on the same lease if etcd still has it, else on a new one).
 //
 // An Epoch is safe for concurrent use.
 type Epoch struct {
-	clock    *monoClock
+	clock    *bootClock
 	lease    clientv3.LeaseID
 	ttl      time.Duration
-	deadline atomic.Int64 // monoClock nanoseconds; only grows
-	done     chan struct{}
+	deadline atomic.Int64 // bootClock nanoseconds; only grows
+	ctx      context.Context
+	cancel   context.CancelFunc
 
 	endOnce sync.Once
-	err     error // set before done is closed
+	err     error // set before ctx is cancelled
+	endedAt int64 // bootClock; set before ctx is cancelled
 }
 
-func newEpoch(clock *monoClock, lease clientv3.LeaseID, ttl time.Duration, deadline int64) *Epoch {
-	e := &Epoch{clock: clock, lease: lease, ttl: ttl, done: make(chan struct{})}
+func newEpoch(clock *bootClock, lease clientv3.LeaseID, ttl time.Duration, deadline int64) *Epoch {
+	e := &Epoch{clock: clock, lease: lease, ttl: ttl}
+	e.ctx, e.cancel = context.WithCancel(context.Background())
 	e.deadline.Store(deadline)
 	return e
 }
@@ -42,28 +46,43 @@ func (e *Epoch) TTL() time.Duration { return e.ttl }
 
 // Done is closed by the session when the epoch ends. It never blocks
 // anyone and is never reopened.
-func (e *Epoch) Done() <-chan struct{} { return e.done }
+func (e *Epoch) Done() <-chan struct{} { return e.ctx.Done() }
+
+// Context returns a context cancelled when the epoch ends. Work that may
+// only run while the epoch lasts — an ownership's — belongs under it: it
+// then ends with the epoch by construction, whoever notices the end first.
+// Its Err is context.Canceled; Err here says why the epoch ended.
+func (e *Epoch) Context() context.Context { return e.ctx }
 
 // Err is nil while the epoch lasts, then says why it ended:
 // ErrUnconfirmed, ErrLeaseLost or ErrSessionClosed.
 func (e *Epoch) Err() error {
-	select {
-	case <-e.done:
-		return e.err
-	default:
+	if e.ctx.Err() == nil {
 		return nil
 	}
+	return e.err
 }
 
 // Deadline is the instant the epoch ends unless a newer confirmation
 // arrives first. It only moves forward.
 func (e *Epoch) Deadline() time.Time { return e.clock.time(e.deadline.Load()) }
 
+// EndedAt reports when the epoch ended: the earlier of the instant the
+// session ended it and its deadline at that moment (after a pause the
+// session notices late, but Check refused from the deadline on). ok is
+// false while the epoch lasts.
+func (e *Epoch) EndedAt() (at time.Time, ok bool) {
+	if e.ctx.Err() == nil {
+		return time.Time{}, false
+	}
+	return e.clock.time(e.endedAt), true
+}
+
 // Check reports whether the server may still act under this epoch, by
 // comparing the clock with the deadline. Call it right before an action
 // that must not happen after the ownership ended: unlike Done, it is
-// correct even when the process was paused (SIGSTOP, a long GC) and no
-// timer has fired yet.
+// correct even when the process was paused (SIGSTOP, a long GC, a host
+// suspend) and no timer has fired yet.
 func (e *Epoch) Check() error {
 	if err := e.Err(); err != nil {
 		return err
@@ -92,16 +111,7 @@ func (e *Epoch) extend(d int64) bool {
 func (e *Epoch) end(err error) {
 	e.endOnce.Do(func() {
 		e.err = err
-		close(e.done)
+		e.endedAt = min(e.clock.now(), e.deadline.Load())
+		e.cancel()
 	})
 }
-
-// monoClock reads Go's monotonic clock as nanoseconds since its creation,
-// so deadlines can live in an atomic int64 without wall-clock jumps.
-type monoClock struct{ base time.Time }
-
-func newMonoClock() *monoClock { return &monoClock{base: time.Now()} }
-
-func (c *monoClock) now() int64 { return int64(time.Since(c.base)) }
-
-func (c *monoClock) time(n int64) time.Time { return c.base.Add(time.Duration(n)) }

@@ -22,6 +22,7 @@ const MaxNameBytes = 128
 //	{p}/current-server/{appId}     owner record, bound to the owner's lease
 //	{p}/locks/{appId}/             concurrency.Mutex prefix of the app
 //	{p}/servers/{escaped id}       server record, bound to the server's lease
+//	{p}/displaced/{appId}/{lease}  displacement marker, bound to the displaced owner's lease
 //
 // Every user-supplied segment (app names, server ids) is validated and
 // escaped so that it stays inside its own slot: it never contains a "/" and
@@ -98,6 +99,51 @@ func (k Keys) OwnerPrefix() string { return k.prefix + "/current-server/" }
 
 // Owner is the key naming the server that currently owns app id.
 func (k Keys) Owner(appID int64) string { return k.OwnerPrefix() + formatID(appID) }
+
+// DisplacedPrefix is the prefix of all displacement markers.
+func (k Keys) DisplacedPrefix() string { return k.prefix + "/displaced/" }
+
+// Displaced is the prefix of app id's displacement markers: while any key
+// exists under it, no server may act for the app.
+func (k Keys) Displaced(appID int64) string { return k.DisplacedPrefix() + formatID(appID) + "/" }
+
+// DisplacedMarker is the marker written when app id's owner key, bound to
+// lease, is overwritten while the lease is alive; the marker is bound to
+// that same lease.
+func (k Keys) DisplacedMarker(appID int64, lease int64) string {
+	return k.Displaced(appID) + strconv.FormatInt(lease, 16)
+}
+
+// ParseDisplacedMarker returns the app id and the displaced lease a
+// marker key names.
+func (k Keys) ParseDisplacedMarker(key string) (appID, lease int64, err error) {
+	rest, ok := strings.CutPrefix(key, k.DisplacedPrefix())
+	app, hex, found := strings.Cut(rest, "/")
+	if !ok || !found {
+		return 0, 0, fmt.Errorf("coord: key %q is not a displacement marker under %q", key, k.DisplacedPrefix())
+	}
+	if appID, err = parseID(app, ""); err != nil {
+		return 0, 0, err
+	}
+	lease, err = strconv.ParseInt(hex, 16, 64)
+	if err != nil || lease <= 0 || strconv.FormatInt(lease, 16) != hex {
+		return 0, 0, fmt.Errorf("coord: key %q does not end in a lease id", key)
+	}
+	return appID, lease, nil
+}
+
+// OwnershipRange is the key range [start, end) holding every owner key and
+// every displacement marker, and no other key of the layout: a server's
+// one watch covers it, so that owner keys and markers reach the server in
+// one order.
+func (k Keys) OwnershipRange() (start, end string) {
+	// "current-server/" < "displaced/" and no other segment of the layout
+	// sorts between them; "0" is the byte after "/".
+	return k.OwnerPrefix(), k.prefix + "/displaced0"
+}
+
+// IsOwnerKey reports whether key is under the owner prefix.
+func (k Keys) IsOwnerKey(key string) bool { return strings.HasPrefix(key, k.OwnerPrefix()) }
 
 // Lock is the concurrency.Mutex prefix of app id.
 func (k Keys) Lock(appID int64) string { return k.prefix + "/locks/" + formatID(appID) + "/" }

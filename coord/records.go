@@ -57,6 +57,25 @@ type OwnerRecord struct {
 	HandedOverFrom int64 `json:"handedOverFrom,omitempty"`
 }
 
+// DisplacedRecord is the value of a displacement marker,
+// displaced/{appId}/{leaseHex}: the owner whose live key was overwritten,
+// and the token of the ownership that ended there. ServerID is empty when
+// the overwritten record could not be decoded.
+type DisplacedRecord struct {
+	Version  int    `json:"version"`
+	ServerID string `json:"serverId,omitempty"`
+	Token    int64  `json:"token"`
+}
+
+// Encode returns the record as JSON with Version set.
+func (r DisplacedRecord) Encode() ([]byte, error) {
+	r.Version = RecordVersion
+	if r.Token <= 0 {
+		return nil, fmt.Errorf("%w: displaced token %d is not positive", ErrCorruptRecord, r.Token)
+	}
+	return json.Marshal(r)
+}
+
 // ServerRecord is the value of servers/{serverId}, bound to the server's
 // lease: the server is a live member while it exists.
 type ServerRecord struct {

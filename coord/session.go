@@ -100,7 +100,7 @@ type Session struct {
 	cfg    SessionConfig
 	cli    *clientv3.Client
 	logger hclog.Logger
-	clock  *monoClock
+	clock  *bootClock
 	watch  watchTracker
 
 	ctx    context.Context // ends at Close
@@ -111,11 +111,10 @@ type Session struct {
 	lease clientv3.LeaseID
 	ttl   time.Duration
 	epoch *Epoch // current or most recently ended
-	// confirmBy is the deadline the lease was last confirmed to (or,
-	// for a lease never confirmed, the one its first round could have
-	// set): a lease kept alive but unconfirmed for a TTL past it is given
-	// up.
-	confirmBy int64
+	// behindSince is when the current run of rounds that failed only at
+	// the watch step began (0: the last round did not fail that way). A
+	// lease whose rounds fail that way for a whole TTL is given up.
+	behindSince int64
 	newEpoch  chan struct{} // closed when epoch is replaced
 	guard     *time.Timer
 	closed    bool
@@ -133,7 +132,7 @@ func NewSession(ctx context.Context, cfg SessionConfig) (*Session, error) {
 		cfg:      cfg,
 		cli:      cfg.Client,
 		logger:   cfg.Logger.Named("session"),
-		clock:    newMonoClock(),
+		clock:    newBootClock(),
 		newEpoch: make(chan struct{}),
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
@@ -162,16 +161,14 @@ func NewSession(ctx context.Context, cfg SessionConfig) (*Session, error) {
 // startLease grants a lease and calls OnLease; it retries OnLease until it
 // succeeds or ctx ends.
 func (s *Session) startLease(ctx context.Context) error {
-	asked := s.clock.now()
 	grant, err := s.cli.Grant(clientv3.WithRequireLeader(ctx), int64(s.cfg.TTL/time.Second))
 	if err != nil {
 		return fmt.Errorf("coord: grant lease: %w", err)
 	}
 	ttl := time.Duration(grant.TTL) * time.Second
-	margin, _ := s.cfg.timings(ttl)
 	s.mu.Lock()
 	s.lease, s.ttl = grant.ID, ttl
-	s.confirmBy = asked + int64(ttl-margin)
+	s.behindSince = 0
 	s.mu.Unlock()
 	if ttl != s.cfg.TTL {
 		s.logger.Info("etcd granted a longer ttl than asked", "asked", s.cfg.TTL, "granted", ttl)
@@ -212,21 +209,27 @@ func (s *Session) establish(ctx context.Context) error {
 // up (see stale).
 var errGaveUp = errors.New("coord: lease given up")
 
-// stale reports whether a failed round shows a lease that etcd keeps alive
-// and answers for (the keepalive and the read succeeded) while the watch
-// never catches up, for a whole TTL past the lease's last deadline. Such a
-// lease must go: it keeps this server's keys, and with them its apps and
-// its place as successor, while the server cannot act. Rounds failing at
-// the keepalive or the read do not count: that is etcd being slow or
-// unreachable (a write storm delays both), which passes, and after which
-// the same lease and tokens come back.
+// stale records a round's outcome and reports whether it shows a lease
+// that etcd keeps alive and answers for (the keepalive and the read
+// succeeded) while the watch has not caught up in any round for a whole
+// TTL. Such a lease must go: it keeps this server's keys, and with them
+// its apps and its place as successor, while the server cannot act. Only
+// an unbroken run of such rounds counts: a round failing at the keepalive
+// or the read is etcd being slow or unreachable (a write storm, an
+// outage), which passes, after which the same lease and tokens come back;
+// and after an outage the watch gets a full TTL to be restarted.
 func (s *Session) stale(res roundResult) bool {
-	if !res.watchBehind {
-		return false
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return res.lease == s.lease && s.clock.now() >= s.confirmBy+int64(s.ttl)
+	if !res.watchBehind || res.lease != s.lease {
+		s.behindSince = 0
+		return false
+	}
+	if s.behindSince == 0 {
+		s.behindSince = res.start
+		return false
+	}
+	return s.clock.now() >= s.behindSince+int64(s.ttl)
 }
 
 // giveUp revokes lease (best effort: if the revoke fails too, the lease
@@ -323,7 +326,7 @@ func (s *Session) renew() error {
 // roundResult is what one confirmation round established.
 type roundResult struct {
 	lease clientv3.LeaseID
-	start int64         // when the round started, monoClock
+	start int64         // when the round started, bootClock
 	ttl   time.Duration // TTL the keepalive acknowledged
 	err   error
 	// watchBehind: the keepalive and the read succeeded, and only the
@@ -367,7 +370,8 @@ func (s *Session) round(ctx context.Context) roundResult {
 		return res
 	}
 	res.ttl = time.Duration(ka.TTL) * time.Second
-	get, err := s.cli.Get(ctx, s.cfg.Keys.OwnerPrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
+	start, end := s.cfg.Keys.OwnershipRange()
+	get, err := s.cli.Get(ctx, start, clientv3.WithRange(end), clientv3.WithCountOnly())
 	readDone = time.Duration(s.clock.now() - res.start)
 	if err != nil {
 		res.err = fmt.Errorf("coord: linearizable read: %w", err)
@@ -391,7 +395,7 @@ func (s *Session) apply(res roundResult) {
 	if s.closed || res.lease != s.lease || deadline <= s.clock.now() {
 		return
 	}
-	s.confirmBy = max(s.confirmBy, deadline)
+	s.behindSince = 0
 	if s.epoch.lease == res.lease && s.epoch.extend(deadline) {
 		s.armGuard()
 		return
@@ -405,9 +409,13 @@ func (s *Session) apply(res roundResult) {
 }
 
 // armGuard makes sure the guard timer fires at the current epoch's
-// deadline. Called with s.mu held.
+// deadline. Go's timers stop while the host is suspended and the guard's
+// clock does not, so the timer never waits longer than the margin: after
+// a resume, an expired epoch ends within a margin (and Check refuses at
+// once). Called with s.mu held.
 func (s *Session) armGuard() {
-	wait := time.Duration(s.epoch.deadline.Load() - s.clock.now())
+	margin, _ := s.cfg.timings(s.epoch.ttl)
+	wait := min(time.Duration(s.epoch.deadline.Load()-s.clock.now()), margin)
 	if s.guard == nil {
 		s.guard = time.AfterFunc(wait, s.guardFired)
 		return

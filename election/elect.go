@@ -221,26 +221,31 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool) 
 		return owner{}, false, err
 	}
 	var readRev int64
-	var prevTTL time.Duration
+	var displace []clientv3.Op // the marker, when overwriting a live key
 	if kv != nil {
 		readRev = kv.ModRevision
 		if o, alive := e.liveOwner(ctx, app, kv.Value, clientv3.LeaseID(kv.Lease), down); alive {
 			if o.serverID == e.cfg.ServerID {
 				// Written by this process, or handed to it; make sure
 				// the table knows (a no-op when it does, or while
-				// resigning).
+				// resigning). It acts only once the table shows the key
+				// and no marker.
 				e.mu.Lock()
-				e.own(app, kv.ModRevision, clientv3.LeaseID(kv.Lease), 0)
+				e.tryActivate(e.own(app, kv.ModRevision, clientv3.LeaseID(kv.Lease)))
 				e.mu.Unlock()
 			}
 			return o, true, nil
 		}
-		prev, _ := coord.DecodeOwnerRecord(kv.Value)
-		prevTTL = prev.TTL()
-		if prevTTL <= 0 {
-			// A corrupt record tells no TTL: wait the longest a lease can
-			// have been granted for, our own TTL being the best guess.
-			prevTTL = e.session.TTL()
+		if kv.Lease != 0 {
+			// Its lease is alive (the key exists): its owner may be
+			// acting until its guard fires. The marker makes everyone,
+			// this server included, wait until that owner has stopped.
+			prev, _ := coord.DecodeOwnerRecord(kv.Value) // empty ServerID if corrupt
+			op, err := e.markerOp(app, prev.ServerID, clientv3.LeaseID(kv.Lease), kv.ModRevision)
+			if err != nil {
+				return owner{}, true, err
+			}
+			displace = append(displace, op)
 		}
 	}
 	if o, ok := e.handingOver(app); ok {
@@ -278,14 +283,16 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool) 
 	}
 	// Under the lock, the key must still be what was read before it
 	// (anyone who elected meanwhile changed it: retry, and find them);
-	// the lock is released in the same Txn.
+	// the lock is released in the same Txn, and the displaced owner's
+	// marker written in it. The compare also proves the displaced lease
+	// still exists: the key is bound to it.
 	txn, err := e.cli.Txn(ctx).If(
 		mx.IsOwner(),
 		clientv3.Compare(clientv3.ModRevision(key), "=", readRev),
-	).Then(
+	).Then(append([]clientv3.Op{
 		clientv3.OpPut(key, string(val), clientv3.WithLease(lease)),
 		clientv3.OpDelete(mx.Key()),
-	).Commit()
+	}, displace...)...).Commit()
 	if err != nil {
 		return owner{}, false, fmt.Errorf("write owner key: %w", err)
 	}
@@ -294,9 +301,9 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool) 
 	}
 	released = true
 	e.mu.Lock()
-	e.own(app, txn.Header.Revision, lease, prevTTL)
+	e.tryActivate(e.own(app, txn.Header.Revision, lease))
 	e.mu.Unlock()
-	e.logger.Debug("elected", "app_id", app, "token", txn.Header.Revision, "overwrote", readRev != 0)
+	e.logger.Debug("elected", "app_id", app, "token", txn.Header.Revision, "overwrote", readRev != 0, "displaced", len(displace) > 0)
 	return owner{serverID: e.cfg.ServerID, protocols: e.cfg.Protocols}, true, nil
 }
 

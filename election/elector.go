@@ -18,9 +18,9 @@ import (
 )
 
 // Elector runs the per-app election of one server on its coord.Session.
-// It keeps a table of every app's owner key from one watch of
-// {p}/current-server/, reports that watch's progress to the session's
-// guard, runs this server's ownership callbacks, and takes over the apps
+// It keeps a table of every app's owner key and displacement markers from
+// one watch of both (coord.Keys.OwnershipRange), reports that watch's
+// progress to the session's guard, runs this server's ownership callbacks, and takes over the apps
 // it is successor of when their owner keys disappear. It is safe for
 // concurrent use. Close hands everything over and stops it; the session
 // stays the caller's.
@@ -38,13 +38,18 @@ type Elector struct {
 
 	ctx      context.Context // ends at Close
 	cancel   context.CancelFunc
-	watchCtx atomic.Pointer[context.Context] // the owner watch's context; RequestProgress needs it
+	watchMD  atomic.Pointer[metadata.MD] // the open owner watch's stream metadata; nil while it restarts
 	rewatch  chan struct{}                   // capacity 1: start the owner watch afresh
 	loops    sync.WaitGroup                  // watch, epoch and takeover loops
 	calls    sync.WaitGroup                  // callback runners
 
 	mu        sync.Mutex
 	table     map[int64]ownerKey   // every app's owner key, as the watch shows it
+	markers   map[int64]map[clientv3.LeaseID]int64 // app → displaced lease → the marker's ModRevision
+	// ownMarkers are markers bound to this server's lease, whose
+	// ownerships have ended: to be deleted (app → lease → ModRevision).
+	ownMarkers map[int64]map[clientv3.LeaseID]int64
+	sweep      chan struct{} // capacity 1: ownMarkers has work
 	changed   chan struct{}        // closed and replaced when the table changes
 	mine      map[int64]*ownership // this server's ownerships, pending or active
 	active    int                  // how many of mine are active
@@ -88,6 +93,9 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 		logger:    cfg.Logger.Named("election").With("server_id", cfg.ServerID),
 		metrics:   m,
 		table:     map[int64]ownerKey{},
+		markers:   map[int64]map[clientv3.LeaseID]int64{},
+		ownMarkers: map[int64]map[clientv3.LeaseID]int64{},
+		sweep:     make(chan struct{}, 1),
 		changed:   make(chan struct{}),
 		mine:      map[int64]*ownership{},
 		resigning: map[int64]time.Time{},
@@ -95,7 +103,6 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 		queues:    map[int64]*callbackQueue{},
 		known:     map[int64]bool{},
 	}
-	e.mutexes = newMutexes(e.cli)
 	e.slots = make(chan struct{}, cfg.ElectionConcurrency)
 	e.takeover.init()
 	e.members, err = coord.WatchMembers(ctx, e.cli, e.keys, cfg.Logger)
@@ -103,6 +110,7 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 		return nil, err
 	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
+	e.mutexes = &mutexes{cli: e.cli, ctx: e.ctx}
 	e.rewatch = make(chan struct{}, 1)
 	w, err := e.openWatch(ctx, 1)
 	if err != nil {
@@ -110,16 +118,11 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 		e.members.Close()
 		return nil, err
 	}
-	e.session.AttachWatch(func(ctx context.Context) error {
-		wctx := e.watchCtx.Load()
-		if wctx == nil {
-			return errors.New("election: owner watch not started")
-		}
-		return e.cli.RequestProgress(*wctx)
-	})
+	e.session.AttachWatch(e.requestProgress)
 	e.loops.Go(func() { e.watchLoop(w) })
 	e.loops.Go(e.epochLoop)
 	e.loops.Go(e.membersLoop)
+	e.loops.Go(e.markerLoop)
 	for range cfg.ElectionConcurrency {
 		e.loops.Go(e.takeoverLoop)
 	}
@@ -131,6 +134,19 @@ func (e *Elector) Members() *coord.Members { return e.members }
 
 // Session returns the session the elector runs on.
 func (e *Elector) Session() *coord.Session { return e.session }
+
+// requestProgress asks etcd for a progress notification on the open owner
+// watch's stream, bounded by the round's ctx: the stream is chosen by the
+// metadata, so the request goes where the watch is even though ctx is the
+// round's, and it never outlives the round. While the watch is being
+// restarted there is nothing to ask; the restart's read reports progress.
+func (e *Elector) requestProgress(ctx context.Context) error {
+	md := e.watchMD.Load()
+	if md == nil {
+		return nil
+	}
+	return e.cli.RequestProgress(metadata.NewOutgoingContext(ctx, *md))
+}
 
 // ServerID returns this server's id.
 func (e *Elector) ServerID() string { return e.cfg.ServerID }
@@ -157,7 +173,7 @@ func (e *Elector) watchLoop(w ownerWatch) {
 					break follow
 				}
 				e.observe(w.after(resp.Events))
-				e.session.WatchCaughtUp(resp.Header.Revision)
+				e.session.WatchCaughtUp(delivered(resp))
 			case <-e.rewatch:
 				e.logger.Info("guard unconfirmed: restarting the owner watch on a new stream")
 				break follow
@@ -166,6 +182,7 @@ func (e *Elector) watchLoop(w ownerWatch) {
 				return
 			}
 		}
+		e.watchMD.Store(nil)
 		w.cancel()
 		for {
 			ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
@@ -181,6 +198,22 @@ func (e *Elector) watchLoop(w ownerWatch) {
 			}
 		}
 	}
+}
+
+// delivered is the revision up to which a watch response proves the watch
+// has delivered everything: the last event's for a response with events
+// (etcd's catch-up of a watch that fell behind sends batches whose header
+// is the store's current revision, not the batch's last), the header's for
+// a progress notification (sent only to a watch that is caught up). etcd
+// never splits one revision's events across responses.
+func delivered(resp clientv3.WatchResponse) int64 {
+	if n := len(resp.Events); n > 0 {
+		return resp.Events[n-1].Kv.ModRevision
+	}
+	if resp.IsProgressNotify() {
+		return resp.Header.Revision
+	}
+	return 0
 }
 
 // ownerWatch is one generation of the owner watch.
@@ -206,9 +239,10 @@ func (w ownerWatch) after(events []*clientv3.Event) []*clientv3.Event {
 // an older revision would wait for etcd's catch-up loop (up to 100 ms) —
 // time in which this server would not see an app handed to it.
 func (e *Elector) openWatch(ctx context.Context, gen int) (ownerWatch, error) {
-	md := metadata.AppendToOutgoingContext(clientv3.WithRequireLeader(e.ctx), "baton-owner-watch", strconv.Itoa(gen))
-	wctx, cancel := context.WithCancel(md)
-	wch := e.cli.Watch(wctx, e.keys.OwnerPrefix(), clientv3.WithPrefix(), clientv3.WithPrevKV(), clientv3.WithCreatedNotify())
+	mdctx := metadata.AppendToOutgoingContext(clientv3.WithRequireLeader(e.ctx), "baton-owner-watch", strconv.Itoa(gen))
+	wctx, cancel := context.WithCancel(mdctx)
+	start, end := e.keys.OwnershipRange()
+	wch := e.cli.Watch(wctx, start, clientv3.WithRange(end), clientv3.WithPrevKV(), clientv3.WithCreatedNotify())
 	select {
 	case resp, ok := <-wch:
 		if !ok || resp.Err() != nil || !resp.Created {
@@ -224,20 +258,30 @@ func (e *Elector) openWatch(ctx context.Context, gen int) (ownerWatch, error) {
 		cancel()
 		return ownerWatch{}, err
 	}
-	e.watchCtx.Store(&wctx)
+	md, _ := metadata.FromOutgoingContext(wctx)
+	e.watchMD.Store(&md)
 	return ownerWatch{ch: wch, cancel: cancel, readRev: rev}, nil
 }
 
-// reload replaces the table with a fresh read and reconciles: ownerships
-// whose key changed are lost, keys that vanished are treated as
-// deletions (successor takeover).
+// reload replaces the table with a fresh read of owner keys and markers
+// and reconciles: ownerships whose key changed are lost, keys that
+// vanished are treated as deletions (successor takeover).
 func (e *Elector) reload(ctx context.Context) (int64, error) {
-	resp, err := e.cli.Get(ctx, e.keys.OwnerPrefix(), clientv3.WithPrefix())
+	start, end := e.keys.OwnershipRange()
+	resp, err := e.cli.Get(ctx, start, clientv3.WithRange(end))
 	if err != nil {
 		return 0, fmt.Errorf("election: read owner keys: %w", err)
 	}
 	fresh := make(map[int64]ownerKey, len(resp.Kvs))
+	markers := map[int64]map[clientv3.LeaseID]int64{}
 	for _, kv := range resp.Kvs {
+		if app, lease, err := e.keys.ParseDisplacedMarker(string(kv.Key)); err == nil {
+			if markers[app] == nil {
+				markers[app] = map[clientv3.LeaseID]int64{}
+			}
+			markers[app][clientv3.LeaseID(lease)] = kv.ModRevision
+			continue
+		}
 		app, err := e.keys.AppIDFromOwnerKey(string(kv.Key))
 		if err != nil {
 			continue
@@ -252,10 +296,22 @@ func (e *Elector) reload(ctx context.Context) (int64, error) {
 	}
 	for app, k := range fresh {
 		if old, ok := e.table[app]; !ok || old.modRev != k.modRev {
-			e.put(app, k, 0)
+			e.put(app, k)
 		}
 	}
-	e.tableChangedLocked()
+	for app, leases := range e.markers {
+		for lease := range leases {
+			if _, ok := markers[app][lease]; !ok {
+				e.markerGone(app, lease)
+			}
+		}
+	}
+	for app, leases := range markers {
+		for lease, rev := range leases {
+			e.markerPut(app, lease, rev)
+		}
+	}
+	e.settle()
 	e.mu.Unlock()
 	e.session.WatchCaughtUp(resp.Header.Revision)
 	return resp.Header.Revision, nil
@@ -271,7 +327,9 @@ func (e *Elector) decodeOwner(app int64, val []byte, modRev, lease int64) ownerK
 }
 
 // observe applies watch events to the table and to this server's
-// ownerships.
+// ownerships. Every event of the batch is applied before any ownership
+// may start acting, so that a marker written in the same Txn as an owner
+// key is seen together with it.
 func (e *Elector) observe(events []*clientv3.Event) {
 	if len(events) == 0 {
 		return
@@ -279,22 +337,21 @@ func (e *Elector) observe(events []*clientv3.Event) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for _, ev := range events {
+		if app, lease, err := e.keys.ParseDisplacedMarker(string(ev.Kv.Key)); err == nil {
+			if ev.Type == clientv3.EventTypePut {
+				e.markerPut(app, clientv3.LeaseID(lease), ev.Kv.ModRevision)
+			} else {
+				e.markerGone(app, clientv3.LeaseID(lease))
+			}
+			continue
+		}
 		app, err := e.keys.AppIDFromOwnerKey(string(ev.Kv.Key))
 		if err != nil {
-			continue // not an owner key (bad input under the prefix)
+			continue // neither an owner key nor a marker (bad input under the prefix)
 		}
 		switch ev.Type {
 		case clientv3.EventTypePut:
-			k := e.decodeOwner(app, ev.Kv.Value, ev.Kv.ModRevision, ev.Kv.Lease)
-			var wait time.Duration
-			if ev.PrevKv != nil && k.rec.HandedOverFrom != ev.PrevKv.ModRevision {
-				// An overwrite of a live key: the previous owner may act
-				// until its guard fires, at most its TTL from now. (A
-				// handover is written by the previous owner itself, after
-				// it stopped.)
-				wait = e.decodeOwner(app, ev.PrevKv.Value, 0, 0).rec.TTL()
-			}
-			e.put(app, k, wait)
+			e.put(app, e.decodeOwner(app, ev.Kv.Value, ev.Kv.ModRevision, ev.Kv.Lease))
 		case clientv3.EventTypeDelete:
 			prev := ""
 			if ev.PrevKv != nil {
@@ -305,17 +362,32 @@ func (e *Elector) observe(events []*clientv3.Event) {
 			e.deleted(app, prev)
 		}
 	}
+	e.settle()
+}
+
+// settle runs after a batch of table changes: pending ownerships that may
+// now act start acting, markers of this server's ended ownerships are
+// queued for deletion, and waiters are told. Called with e.mu held.
+func (e *Elector) settle() {
+	for _, o := range e.mine {
+		e.tryActivate(o)
+	}
+	e.queueOwnMarkers()
 	e.tableChangedLocked()
 }
 
 // put records a new owner key value. Called with e.mu held.
-func (e *Elector) put(app int64, k ownerKey, wait time.Duration) {
+func (e *Elector) put(app int64, k ownerKey) {
 	e.table[app] = k
 	if e.isMine(k) {
-		if k.rec.HandedOverFrom != 0 && e.passOnIfClosing(app, k.modRev) {
+		if e.passOnIfClosing(app, k.modRev) {
+			delete(e.takeover.orphans, app)
 			return
 		}
-		e.own(app, k.modRev, k.lease, wait) // counts a takeover if it was an orphan
+		if k.rec.HandedOverFrom != 0 {
+			delete(e.resigning, app) // handed back to this server
+		}
+		e.own(app, k.modRev, k.lease) // counts a takeover if it was an orphan
 		delete(e.takeover.orphans, app)
 		return
 	}
@@ -327,16 +399,16 @@ func (e *Elector) put(app int64, k ownerKey, wait time.Duration) {
 	}
 }
 
-// passOnIfClosing deals with an app another server handed to this one. A
-// handover overrides this server's own resignation of the app (servers
-// may pass an app back and forth); but a closing server passes the app
-// on, to its own successor, and reports true. Called with e.mu held.
+// passOnIfClosing deals with an owner key naming this server that appears
+// while it is closing — handed to it by another server, or written by an
+// election that was still in flight when the drain began: the app is
+// passed on, to this server's own successor, and it reports true. Called
+// with e.mu held.
 func (e *Elector) passOnIfClosing(app, token int64) bool {
-	delete(e.resigning, app)
 	if !e.draining && !e.closed {
 		return false
 	}
-	e.logger.Info("an app was handed to this closing server; passing it on", "app_id", app)
+	e.logger.Info("an owner key naming this closing server appeared; passing the app on", "app_id", app)
 	e.loops.Add(1)
 	go func() {
 		defer e.loops.Done()
@@ -372,9 +444,12 @@ func (e *Elector) tableChangedLocked() {
 	e.changed = make(chan struct{})
 }
 
-// epochLoop ends every active ownership the moment the session's epoch
-// ends, and when a new epoch starts takes back, with the same token, the
-// apps whose keys are unchanged.
+// epochLoop settles the ownerships of every epoch that ends — their
+// contexts were already cancelled with the epoch's, by construction — and
+// when a new epoch starts takes back, with the same token, the apps whose
+// keys are unchanged. Epochs that start and end between two wake-ups are
+// settled too: every ownership's own epoch is checked, not only the one
+// this loop waited on.
 func (e *Elector) epochLoop() {
 	ep := e.session.Epoch()
 	for {
@@ -384,19 +459,17 @@ func (e *Elector) epochLoop() {
 			return
 		}
 		e.mu.Lock()
-		switch {
-		case errors.Is(ep.Err(), coord.ErrLeaseLost):
-			for _, o := range e.mine {
+		for _, o := range e.mine {
+			switch {
+			case o.lease == ep.Lease() && errors.Is(ep.Err(), coord.ErrLeaseLost):
 				e.lose(o, ReasonLeaseLost)
-			}
-		case errors.Is(ep.Err(), coord.ErrSessionClosed):
-			for _, o := range e.mine {
+			case errors.Is(ep.Err(), coord.ErrSessionClosed):
 				e.lose(o, ReasonClosed)
+			case o.active && o.epoch.Err() != nil:
+				e.deactivate(o, epochReason(o.epoch.Err()))
 			}
-		default:
-			for _, o := range e.mine {
-				e.suspend(o)
-			}
+		}
+		if errors.Is(ep.Err(), coord.ErrUnconfirmed) {
 			select {
 			case e.rewatch <- struct{}{}:
 			default:
@@ -427,12 +500,10 @@ func (e *Elector) reclaim() {
 	}
 	for app, k := range e.table {
 		if e.isMine(k) {
-			e.own(app, k.modRev, k.lease, 0)
+			e.own(app, k.modRev, k.lease)
 		}
 	}
-	for _, o := range e.mine {
-		e.tryActivate(o)
-	}
+	e.settle()
 }
 
 // Close hands every owned app to its successor and waits (until ctx ends)

@@ -2,6 +2,8 @@ package election_test
 
 import (
 	"context"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -123,13 +125,73 @@ func TestBlackholedOwnerStopsBeforeAnyoneElseStarts(t *testing.T) {
 	c.rec.expectClean(t)
 }
 
-func TestTakeoverFromAnUnreachableLiveOwnerWaitsItsTTL(t *testing.T) {
+// markerLog records every displacement marker put and delete, from a
+// watch started before the test's elections.
+type markerLog struct {
+	mu     sync.Mutex
+	events []markerEvent
+}
+
+type markerEvent struct {
+	put   bool
+	key   string
+	lease int64
+	at    time.Time
+}
+
+func watchMarkers(t *testing.T, c *cluster) *markerLog {
+	t.Helper()
+	l := &markerLog{}
+	cli := testutil.Client(t, c.etcd)
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := cli.Watch(ctx, c.keys.DisplacedPrefix(), clientv3.WithPrefix(), clientv3.WithCreatedNotify())
+	if resp := <-ch; !resp.Created {
+		t.Fatal("marker watch not created")
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for resp := range ch {
+			for _, ev := range resp.Events {
+				l.mu.Lock()
+				l.events = append(l.events, markerEvent{put: ev.Type == clientv3.EventTypePut, key: string(ev.Kv.Key), lease: ev.Kv.Lease, at: time.Now()})
+				l.mu.Unlock()
+			}
+		}
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	return l
+}
+
+func (l *markerLog) snapshot() []markerEvent {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.events)
+}
+
+// lastDelete is when the last marker delete was seen, if any.
+func (l *markerLog) lastDelete() (time.Time, bool) {
+	var at time.Time
+	for _, ev := range l.snapshot() {
+		if !ev.put {
+			at = ev.at
+		}
+	}
+	return at, !at.IsZero()
+}
+
+// An owner that does not answer pings but still reaches etcd is displaced
+// with a marker; it sees the overwrite, stops, and deletes the marker, so
+// the new owner starts within milliseconds instead of a TTL later — but
+// only after the old owner stopped.
+func TestTakeoverFromALiveOwnerWaitsForItsMarkerToGo(t *testing.T) {
 	c := newCluster(t, 1, 2*time.Second)
 	a := c.addNode("a")
 	b := c.addNode("b")
 	app := c.register(t, "x")[0]
 	electAll(t, c, a, []int64{app})
 	_, before := c.ownerOf(t, app)
+	markers := watchMarkers(t, c)
 
 	c.pinger.setDown(a.addr, true)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -152,12 +214,6 @@ func TestTakeoverFromAnUnreachableLiveOwnerWaitsItsTTL(t *testing.T) {
 	}
 	events := c.rec.snapshot()
 	acq, _ := acquiredBy(events, "b", app, start)
-	if wait := acq.Sub(start); wait < a.session.TTL() {
-		t.Errorf("b acquired %v after overwriting a live key; must wait a's TTL %v", wait, a.session.TTL())
-	} else {
-		t.Logf("b acquired %v after the overwrite began (a's TTL %v)", wait, a.session.TTL())
-	}
-	// a learned of the overwrite from its watch and stopped long before.
 	var aEnd time.Time
 	var reason election.Reason
 	for _, ev := range events {
@@ -171,6 +227,54 @@ func TestTakeoverFromAnUnreachableLiveOwnerWaitsItsTTL(t *testing.T) {
 	if aEnd.IsZero() || !aEnd.Before(acq) || reason != election.ReasonDeposed {
 		t.Errorf("a ended at %v (reason %q), b acquired at %v", aEnd.Sub(start), reason, acq.Sub(start))
 	}
+	// The marker was written bound to a's lease and deleted (by a) before
+	// b acted.
+	ml := markers.snapshot()
+	if len(ml) != 2 || !ml[0].put || ml[1].put || ml[0].lease != int64(a.session.Lease()) {
+		t.Fatalf("marker events %+v; want one put bound to a's lease %x, then its delete", ml, a.session.Lease())
+	}
+	if !ml[1].at.Before(acq) {
+		t.Errorf("b acted at %v, before the marker was deleted at %v", acq.Sub(start), ml[1].at.Sub(start))
+	}
+	if wait := acq.Sub(start); wait >= a.session.TTL() {
+		t.Errorf("b acted %v after the overwrite began; with a reaching etcd it should not wait out a's TTL %v", wait, a.session.TTL())
+	} else {
+		t.Logf("b acted %v after the overwrite began (a's TTL %v); a stopped %v before", wait, a.session.TTL(), acq.Sub(aEnd))
+	}
+	c.rec.expectClean(t)
+}
+
+// An owner cut off from etcd and its peers is displaced with a marker
+// that nobody can delete: the new owner acts only once etcd expires the
+// old owner's lease, and with it the marker — after the old owner's guard
+// stopped it.
+func TestTakeoverFromACutOffOwnerWaitsForItsLeaseToEnd(t *testing.T) {
+	c := newCluster(t, 1, 2*time.Second)
+	a := c.addNode("a", viaProxy())
+	b := c.addNode("b")
+	app := c.register(t, "x")[0]
+	electAll(t, c, a, []int64{app})
+	markers := watchMarkers(t, c)
+
+	c.pinger.setDown(a.addr, true)
+	a.proxy.PauseTx()
+	a.proxy.PauseRx()
+	defer func() { a.proxy.UnpauseTx(); a.proxy.UnpauseRx() }()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	if addr, err := b.el.Elect(ctx, app, coord.ProtocolHTTP, a.addr); err != nil || addr != b.addr {
+		t.Fatalf("Elect on b = %q, %v; want b's address", addr, err)
+	}
+	if !c.rec.wait(4*c.ttl, func(ev []event) bool { _, ok := acquiredBy(ev, "b", app, start); return ok }) {
+		t.Fatal("b never acquired")
+	}
+	acq, _ := acquiredBy(c.rec.snapshot(), "b", app, start)
+	gone, ok := markers.lastDelete()
+	if !ok || !gone.Before(acq) {
+		t.Fatalf("b acted at %v; marker events %+v", acq.Sub(start), markers.snapshot())
+	}
+	t.Logf("marker went with a's lease %v after the overwrite began; b acted %v after", gone.Sub(start), acq.Sub(gone))
 	c.rec.expectClean(t)
 }
 
@@ -207,19 +311,23 @@ func TestAnUnansweredPingIsRememberedAcrossElections(t *testing.T) {
 	c.rec.expectClean(t)
 }
 
-// An app handed over during its takeover wait (its new owner overwrote a
-// live key, so the old owner may still act) passes on only when the wait
-// is over: the next owner starts at once, so it must not be written
-// earlier.
-func TestHandOverDuringATakeoverWaitWaitsItOut(t *testing.T) {
+// An app handed over while a marker still holds its owner back (the old
+// owner, cut off, may still act) passes on at once, and the next owner is
+// held back by the same marker: the obligation lives in etcd, not in the
+// server that handed it on.
+func TestHandOverWhileDisplacedLeavesTheNextOwnerWaitingForTheMarker(t *testing.T) {
 	c := newCluster(t, 1, 2*time.Second)
-	a := c.addNode("a")
+	a := c.addNode("a", viaProxy())
 	b := c.addNode("b")
 	c.addNode("c")
 	app := c.register(t, "x")[0]
 	electAll(t, c, a, []int64{app})
+	markers := watchMarkers(t, c)
 
 	c.pinger.setDown(a.addr, true)
+	a.proxy.PauseTx()
+	a.proxy.PauseRx()
+	defer func() { a.proxy.UnpauseTx(); a.proxy.UnpauseRx() }()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	start := time.Now()
@@ -227,18 +335,19 @@ func TestHandOverDuringATakeoverWaitWaitsItOut(t *testing.T) {
 		t.Fatalf("Elect on b = %q, %v; want b's address", addr, err)
 	}
 	if _, acting := b.el.Token(app); acting {
-		t.Fatal("b acts before its takeover wait is over")
+		t.Fatal("b acts while a's marker exists")
 	}
 	to, err := b.el.HandOver(ctx, app)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !c.rec.wait(3*c.ttl, func(ev []event) bool { _, ok := acquiredBy(ev, to, app, start); return ok }) {
+	if !c.rec.wait(4*c.ttl, func(ev []event) bool { _, ok := acquiredBy(ev, to, app, start); return ok }) {
 		t.Fatalf("%s never acted", to)
 	}
 	acq, _ := acquiredBy(c.rec.snapshot(), to, app, start)
-	if wait := acq.Sub(start); wait < a.session.TTL() {
-		t.Errorf("%s acted %v after b overwrote a's live key; not before a's TTL %v", to, wait, a.session.TTL())
+	gone, ok := markers.lastDelete()
+	if !ok || !gone.Before(acq) {
+		t.Errorf("%s acted at %v; marker events %+v", to, acq.Sub(start), markers.snapshot())
 	}
 	c.rec.expectClean(t)
 }

@@ -20,92 +20,42 @@ var ErrNoSuccessor = errors.New("election: no other live server to hand over to"
 // cancelled, OnLose runs with ReasonResigned), then the owner key is
 // deleted with a Txn guarded by the token, so that the app's successor
 // takes it at once — a deletion proves to everyone that this server has
-// stopped. For 2×TTL, or until another server owns the app, this server
+// stopped (and any displacement marker still left from this server's own
+// takeover of the app holds the successor back as it held this server).
+// Resign works on a pending ownership too. For 2×TTL, or until another server owns the app, this server
 // does not elect itself for it. Fails with ErrNotOwner if this server does
 // not own app. If the delete fails the key stays and names this server
 // until the resignation period ends; call Resign again.
 func (e *Elector) Resign(ctx context.Context, app int64) error {
-	token, notBefore, err := e.stopOwning(app)
+	token, err := e.stopOwning(app)
 	if err != nil {
-		return err
-	}
-	if err := e.waitOut(ctx, notBefore); err != nil {
 		return err
 	}
 	return e.deleteOwnerKeys(ctx, map[int64]int64{app: token})
 }
 
 // stopOwning ends this server's ownership of app and marks it resigning.
-// It returns the ownership's token and the end of its takeover wait.
-func (e *Elector) stopOwning(app int64) (int64, time.Time, error) {
+// It returns the ownership's token.
+func (e *Elector) stopOwning(app int64) (int64, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	o := e.mine[app]
 	if o == nil {
-		return 0, time.Time{}, fmt.Errorf("%w: app %d", ErrNotOwner, app)
+		return 0, fmt.Errorf("%w: app %d", ErrNotOwner, app)
 	}
 	e.resigning[app] = e.cfg.Clock.Now().Add(2 * e.session.TTL())
 	e.lose(o, ReasonResigned)
-	return o.token, o.notBefore, nil
-}
-
-// waitOut returns once notBefore has passed. An ownership given up during
-// its takeover wait cannot be handed on before the wait ends: the owner
-// it overwrote may still be acting, and whoever comes next would start at
-// once (a deletion or a handover proves only that this server stopped).
-func (e *Elector) waitOut(ctx context.Context, notBefore time.Time) error {
-	d := notBefore.Sub(e.cfg.Clock.Now())
-	if d <= 0 {
-		return nil
-	}
-	e.logger.Info("giving up an app during its takeover wait; waiting it out first", "wait", d)
-	done := make(chan struct{})
-	t := e.cfg.Clock.AfterFunc(d, func() { close(done) })
-	defer t.Stop()
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("election: waiting out a takeover wait before handing over: %w", ctx.Err())
-	}
+	return o.token, nil
 }
 
 // deleteOwnerKeys deletes owner keys (app → token), each only if it still
-// holds that token; batches of up to 64 go in one Txn, and a batch whose
-// guard fails is retried key by key.
+// holds that token.
 func (e *Elector) deleteOwnerKeys(ctx context.Context, tokens map[int64]int64) error {
-	const batch = 64
-	var apps []int64
-	for app := range tokens {
-		apps = append(apps, app)
+	keys := make(map[string]int64, len(tokens))
+	for app, token := range tokens {
+		keys[e.keys.Owner(app)] = token
 	}
-	var errs []error
-	for len(apps) > 0 {
-		n := min(batch, len(apps))
-		chunk := apps[:n]
-		apps = apps[n:]
-		var cmps []clientv3.Cmp
-		var ops []clientv3.Op
-		for _, app := range chunk {
-			key := e.keys.Owner(app)
-			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(key), "=", tokens[app]))
-			ops = append(ops, clientv3.OpDelete(key))
-		}
-		resp, err := e.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
-		if err != nil {
-			errs = append(errs, fmt.Errorf("election: delete owner keys: %w", err))
-			continue
-		}
-		if resp.Succeeded || len(chunk) == 1 {
-			continue
-		}
-		for _, app := range chunk {
-			if err := e.deleteOwnerKeys(ctx, map[int64]int64{app: tokens[app]}); err != nil {
-				errs = append(errs, err)
-			}
-		}
-	}
-	return errors.Join(errs...)
+	return e.deleteFenced(ctx, keys)
 }
 
 // HandOver gives app to its successor and returns once another server
@@ -120,11 +70,8 @@ func (e *Elector) HandOver(ctx context.Context, app int64) (string, error) {
 	if e.successor(app, e.cfg.ServerID) == "" {
 		return "", fmt.Errorf("%w: app %d", ErrNoSuccessor, app)
 	}
-	token, notBefore, err := e.stopOwning(app)
+	token, err := e.stopOwning(app)
 	if err != nil {
-		return "", err
-	}
-	if err := e.waitOut(ctx, notBefore); err != nil {
 		return "", err
 	}
 	if err := e.transferOrDelete(ctx, map[int64]int64{app: token}); err != nil {
@@ -149,7 +96,8 @@ func (e *Elector) transferOrDelete(ctx context.Context, tokens map[int64]int64) 
 // has already stopped), its successor's owner record over this server's,
 // bound to the successor's lease, guarded by the token, with
 // HandedOverFrom set to the token: the successor sees its own record
-// appear and acts at once (the writer has provably stopped), and workers
+// appear and acts at once (the writer has provably stopped; markers left
+// from an earlier displacement still hold it back), and workers
 // see a single change of owner instead of a deletion followed by a new
 // owner. Batches of up to 64 apps per successor go in one Txn. It returns
 // the apps it could not transfer: no other live server, the successor's
@@ -199,8 +147,7 @@ func (e *Elector) transfer(ctx context.Context, tokens map[int64]int64) map[int6
 }
 
 // handoverTarget is what a handover needs to know about the server it
-// writes for: its lease and the TTL it was granted (a later overwrite
-// waits that long), and its endpoints.
+// writes for: its lease, the TTL it was granted, and its endpoints.
 type handoverTarget struct {
 	lease  clientv3.LeaseID
 	record coord.OwnerRecord // without HandedOverFrom
@@ -302,13 +249,9 @@ func (e *Elector) handOverAll(ctx context.Context) error {
 	e.mu.Lock()
 	tokens := make(map[int64]int64, len(e.mine))
 	until := e.cfg.Clock.Now().Add(2 * e.session.TTL())
-	var notBefore time.Time
 	for app, o := range e.mine {
 		tokens[app] = o.token
 		e.resigning[app] = until
-		if o.notBefore.After(notBefore) {
-			notBefore = o.notBefore
-		}
 		e.lose(o, ReasonResigned)
 	}
 	e.mu.Unlock()
@@ -319,9 +262,6 @@ func (e *Elector) handOverAll(ctx context.Context) error {
 	maps.Copy(tokens, unseen)
 	if len(tokens) == 0 {
 		return nil
-	}
-	if err := e.waitOut(ctx, notBefore); err != nil {
-		return err
 	}
 	if err := e.transferOrDelete(ctx, tokens); err != nil {
 		return err

@@ -2,6 +2,7 @@ package election
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sync/atomic"
@@ -14,70 +15,76 @@ import (
 
 // ownership is this server's claim on one app, from the write of its
 // owner key (token) until the key changes or the lease goes. It is pending
-// until it may act — after a takeover wait, and while the session's guard
-// is unconfirmed — and active in between. All fields are guarded by the
-// elector's mu.
+// until it may act (see mayAct) and active while it does. All fields are
+// guarded by the elector's mu.
 type ownership struct {
 	app, token int64
 	lease      clientv3.LeaseID
-	notBefore  time.Time // end of the takeover wait
-	timer      interface{ Stop() bool }
 
 	active bool
-	ctx    context.Context
+	ctx    context.Context // a child of epoch's context
 	cancel context.CancelFunc
-	stamp  *endStamp // when ctx was cancelled
+	stamp  *endStamp
 	epoch  *coord.Epoch
 	since  time.Time
 	ended  bool
 }
 
 // own records that this server holds app's owner key at revision token.
-// wait is how long after now it may start acting (a takeover wait).
-// Calling it again for the same token does nothing, and so does calling it
-// for an app this server is resigning. Called with e.mu held.
-func (e *Elector) own(app, token int64, lease clientv3.LeaseID, wait time.Duration) {
+// The ownership starts pending: callers try to activate it once the batch
+// of changes they are applying is complete (a marker written in the same
+// Txn as the key must be in the table first). Calling it again for the
+// same token does nothing, and so does calling it for an app this server
+// is resigning. Called with e.mu held.
+func (e *Elector) own(app, token int64, lease clientv3.LeaseID) *ownership {
 	if e.closed || e.resigningNow(app) {
-		return
+		return nil
 	}
 	if o := e.mine[app]; o != nil {
 		if o.token == token {
-			return
+			return o
 		}
 		e.lose(o, ReasonDeposed)
 	}
 	e.adopted(app)
-	o := &ownership{app: app, token: token, lease: lease, notBefore: e.cfg.Clock.Now().Add(wait)}
+	o := &ownership{app: app, token: token, lease: lease}
 	e.mine[app] = o
-	if wait > 0 {
-		e.logger.Debug("took the app over a live key; waiting out the previous owner's ttl", "app_id", app, "wait", wait)
-		o.timer = e.cfg.Clock.AfterFunc(wait, func() {
-			e.mu.Lock()
-			defer e.mu.Unlock()
-			e.tryActivate(o)
-		})
-		return
-	}
-	e.tryActivate(o)
+	return o
 }
 
-// tryActivate starts acting for a pending ownership if its wait is over
-// and the session's epoch is live on the ownership's lease; otherwise it
-// stays pending (the timer or the next epoch tries again). Called with
-// e.mu held.
+// mayAct reports whether o may act, as far as the table shows: the watch
+// has delivered o's own write (the table holds the key at o's token,
+// naming this server under its lease), and no displacement marker for the
+// app remains. Markers are only ever written with an overwrite of the
+// owner key, so one that appears later ends o through that overwrite;
+// the check at activation is enough. Called with e.mu held.
+func (e *Elector) mayAct(o *ownership) bool {
+	k, ok := e.table[o.app]
+	return ok && k.modRev == o.token && e.isMine(k) && len(e.markers[o.app]) == 0
+}
+
+// tryActivate starts acting for a pending ownership if it may act and the
+// session's epoch is live on the ownership's lease; otherwise it stays
+// pending (a table change or the next epoch tries again). An ownership
+// still marked active whose epoch has ended (its context already
+// cancelled with that epoch) is settled first, so that it can be taken up
+// again on the current one. Called with e.mu held.
 func (e *Elector) tryActivate(o *ownership) {
-	if o.ended || o.active || e.closed || e.mine[o.app] != o {
+	if o == nil || o.ended || e.closed || e.mine[o.app] != o {
 		return
 	}
-	if e.cfg.Clock.Now().Before(o.notBefore) {
-		return // the takeover timer will call again
-	}
 	ep := e.session.Epoch()
-	if ep.Check() != nil || ep.Lease() != o.lease {
-		return // reclaim at the next epoch
+	if o.active {
+		if o.epoch.Err() == nil {
+			return
+		}
+		e.deactivate(o, epochReason(o.epoch.Err()))
 	}
-	o.stamp = &endStamp{}
-	ctx, cancel := context.WithCancel(context.WithValue(e.ctx, endStampKey{}, o.stamp))
+	if ep.Check() != nil || ep.Lease() != o.lease || !e.mayAct(o) {
+		return
+	}
+	o.stamp = &endStamp{epoch: ep}
+	ctx, cancel := context.WithCancel(context.WithValue(ep.Context(), endStampKey{}, o.stamp))
 	o.ctx, o.cancel = ctx, cancel
 	o.epoch, o.active, o.since = ep, true, time.Now()
 	e.active++
@@ -89,6 +96,19 @@ func (e *Elector) tryActivate(o *ownership) {
 		}
 	})
 	e.metrics.setOwned(e.active)
+}
+
+// epochReason is the reason an ownership ends when its epoch ends with
+// err.
+func epochReason(err error) Reason {
+	switch {
+	case errors.Is(err, coord.ErrLeaseLost):
+		return ReasonLeaseLost
+	case errors.Is(err, coord.ErrSessionClosed):
+		return ReasonClosed
+	default:
+		return ReasonLeaseUnconfirmed
+	}
 }
 
 // suspend ends the acting part of an ownership because the guard fired,
@@ -107,9 +127,6 @@ func (e *Elector) lose(o *ownership, reason Reason) {
 		return
 	}
 	o.ended = true
-	if o.timer != nil {
-		o.timer.Stop()
-	}
 	if e.mine[o.app] == o {
 		delete(e.mine, o.app)
 	}
@@ -126,8 +143,8 @@ func (e *Elector) deactivate(o *ownership, reason Reason) {
 	// The ownership ended at the earlier of now and its epoch's deadline:
 	// after a pause (SIGSTOP, GC) the cancellation comes late, but the
 	// owner stopped acting at the deadline (Check refuses from then on).
-	end := min(time.Since(processStart), o.epoch.Deadline().Sub(processStart))
-	o.stamp.at.Store(int64(end) + 1)
+	end := earlier(time.Now(), o.epoch.Deadline())
+	o.stamp.at.Store(&end)
 	o.cancel()
 	app, token := o.app, o.token
 	e.logger.Debug("lost", "app_id", app, "token", token, "reason", reason)
@@ -266,14 +283,20 @@ func (e *Elector) Healthy() error {
 	return nil
 }
 
-// endStamp holds the instant an ownership's context was cancelled.
-type endStamp struct{ at atomic.Int64 }
+// endStamp says when an ownership ended: the instant deactivate stamped
+// just before cancelling its context, or — when its epoch ended first and
+// cancelled the context as its parent — the epoch's own end.
+type endStamp struct {
+	at    atomic.Pointer[time.Time]
+	epoch *coord.Epoch
+}
 
 type endStampKey struct{}
 
 // EndedAt reports when the ownership whose OnAcquire context is ctx ended:
-// the earlier of the instant taken immediately before ctx was cancelled
-// and the guard deadline in force at that moment (after a pause the
+// the earliest of the instant its elector ended it, the instant its
+// session's epoch ended (the context is a child of the epoch's), and the
+// guard deadline in force at either moment (after a pause the
 // cancellation comes late, but Ownership.Check refused from the deadline
 // on). It carries Go's monotonic reading, so it compares exactly with
 // time.Now() values of this process. ok is false while ctx is live or if
@@ -285,9 +308,22 @@ func EndedAt(ctx context.Context) (at time.Time, ok bool) {
 	if s == nil || ctx.Err() == nil {
 		return time.Time{}, false
 	}
-	n := s.at.Load()
-	return processStart.Add(time.Duration(n - 1)), n != 0
+	own := s.at.Load()
+	epochEnd, epochEnded := s.epoch.EndedAt()
+	switch {
+	case own != nil && epochEnded:
+		return earlier(*own, epochEnd), true
+	case own != nil:
+		return *own, true
+	case epochEnded:
+		return epochEnd, true
+	}
+	return time.Time{}, false
 }
 
-// processStart anchors end stamps on the monotonic clock.
-var processStart = time.Now()
+func earlier(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
