@@ -33,3 +33,16 @@ func (c *bootClock) now() int64 { return bootNow() - c.base + c.skipped.Load() }
 // conversion is exact until the host is suspended; after a suspend the
 // two clocks differ by the time spent suspended.
 func (c *bootClock) time(n int64) time.Time { return c.goBase.Add(time.Duration(n)) }
+
+// past converts a reading of an instant already passed to a time.Time
+// that is never in the future: after a suspend, an instant that fell
+// inside it maps to the resume (Go's clock stood still meanwhile), and
+// one before it to up to the suspended time later than it was — late,
+// never early, which is the safe side for the end of an ownership.
+func (c *bootClock) past(n int64) time.Time {
+	t, now := c.time(n), time.Now()
+	if now.Before(t) {
+		return now
+	}
+	return t
+}

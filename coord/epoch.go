@@ -27,8 +27,8 @@ type Epoch struct {
 	cancel   context.CancelFunc
 
 	endOnce sync.Once
-	err     error // set before ctx is cancelled
-	endedAt int64 // bootClock; set before ctx is cancelled
+	err     error     // set before ctx is cancelled
+	endedAt time.Time // set before ctx is cancelled
 }
 
 func newEpoch(clock *bootClock, lease clientv3.LeaseID, ttl time.Duration, deadline int64) *Epoch {
@@ -75,7 +75,7 @@ func (e *Epoch) EndedAt() (at time.Time, ok bool) {
 	if e.ctx.Err() == nil {
 		return time.Time{}, false
 	}
-	return e.clock.time(e.endedAt), true
+	return e.endedAt, true
 }
 
 // Check reports whether the server may still act under this epoch, by
@@ -111,7 +111,7 @@ func (e *Epoch) extend(d int64) bool {
 func (e *Epoch) end(err error) {
 	e.endOnce.Do(func() {
 		e.err = err
-		e.endedAt = min(e.clock.now(), e.deadline.Load())
+		e.endedAt = e.clock.past(min(e.clock.now(), e.deadline.Load()))
 		e.cancel()
 	})
 }

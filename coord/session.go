@@ -115,9 +115,9 @@ type Session struct {
 	// the watch step began (0: the last round did not fail that way). A
 	// lease whose rounds fail that way for a whole TTL is given up.
 	behindSince int64
-	newEpoch  chan struct{} // closed when epoch is replaced
-	guard     *time.Timer
-	closed    bool
+	newEpoch    chan struct{} // closed when epoch is replaced
+	guard       *time.Timer
+	closed      bool
 }
 
 // NewSession grants a lease, calls OnLease, and returns once a first round
@@ -355,8 +355,11 @@ func (s *Session) round(ctx context.Context) roundResult {
 	var kaDone, readDone time.Duration
 	defer func() {
 		if total := time.Duration(s.clock.now() - res.start); total > ttl/3 {
-			s.logger.Warn("slow confirmation round", "total", total, "keepalive", kaDone, "read", readDone-kaDone,
-				"watch_progress", total-readDone, "error", res.err)
+			args := []any{"total", total, "keepalive", kaDone}
+			if readDone > 0 {
+				args = append(args, "read", readDone-kaDone, "watch_progress", total-readDone)
+			}
+			s.logger.Warn("slow confirmation round", append(args, "error", res.err)...)
 		}
 	}()
 	ka, err := s.cli.KeepAliveOnce(ctx, res.lease)

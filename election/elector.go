@@ -36,28 +36,28 @@ type Elector struct {
 	logger   hclog.Logger
 	metrics  *metrics
 
-	ctx      context.Context // ends at Close
-	cancel   context.CancelFunc
-	watchMD  atomic.Pointer[metadata.MD] // the open owner watch's stream metadata; nil while it restarts
-	rewatch  chan struct{}                   // capacity 1: start the owner watch afresh
-	loops    sync.WaitGroup                  // watch, epoch and takeover loops
-	calls    sync.WaitGroup                  // callback runners
+	ctx     context.Context // ends at Close
+	cancel  context.CancelFunc
+	watchMD atomic.Pointer[metadata.MD] // the open owner watch's stream metadata; nil while it restarts
+	rewatch chan struct{}               // capacity 1: start the owner watch afresh
+	loops   sync.WaitGroup              // watch, epoch and takeover loops
+	calls   sync.WaitGroup              // callback runners
 
-	mu        sync.Mutex
-	table     map[int64]ownerKey   // every app's owner key, as the watch shows it
-	markers   map[int64]map[clientv3.LeaseID]int64 // app → displaced lease → the marker's ModRevision
+	mu      sync.Mutex
+	table   map[int64]ownerKey                   // every app's owner key, as the watch shows it
+	markers map[int64]map[clientv3.LeaseID]int64 // app → displaced lease → the marker's ModRevision
 	// ownMarkers are markers bound to this server's lease, whose
 	// ownerships have ended: to be deleted (app → lease → ModRevision).
 	ownMarkers map[int64]map[clientv3.LeaseID]int64
-	sweep      chan struct{} // capacity 1: ownMarkers has work
-	changed   chan struct{}        // closed and replaced when the table changes
-	mine      map[int64]*ownership // this server's ownerships, pending or active
-	active    int                  // how many of mine are active
-	resigning map[int64]time.Time  // apps this server gave up, until a new owner shows or the time passes
-	flights   map[int64]*flight    // elections in progress, one per app
-	queues    map[int64]*callbackQueue
-	known     map[int64]bool // app ids seen in the registry
-	takeover  takeoverQueue
+	sweep      chan struct{}        // capacity 1: ownMarkers has work
+	changed    chan struct{}        // closed and replaced when the table changes
+	mine       map[int64]*ownership // this server's ownerships, pending or active
+	active     int                  // how many of mine are active
+	resigning  map[int64]time.Time  // apps this server gave up, until a new owner shows or the time passes
+	flights    map[int64]*flight    // elections in progress, one per app
+	queues     map[int64]*callbackQueue
+	known      map[int64]bool // app ids seen in the registry
+	takeover   takeoverQueue
 	// unanswered is guarded by its own mutex: pings run without e.mu.
 	unanswered unansweredPings
 	draining   bool
@@ -85,23 +85,23 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 		return nil, err
 	}
 	e := &Elector{
-		cfg:       cfg,
-		session:   session,
-		cli:       session.Client(),
-		keys:      session.Keys(),
-		registry:  coord.NewRegistry(session.Client(), session.Keys()),
-		logger:    cfg.Logger.Named("election").With("server_id", cfg.ServerID),
-		metrics:   m,
-		table:     map[int64]ownerKey{},
-		markers:   map[int64]map[clientv3.LeaseID]int64{},
+		cfg:        cfg,
+		session:    session,
+		cli:        session.Client(),
+		keys:       session.Keys(),
+		registry:   coord.NewRegistry(session.Client(), session.Keys()),
+		logger:     cfg.Logger.Named("election").With("server_id", cfg.ServerID),
+		metrics:    m,
+		table:      map[int64]ownerKey{},
+		markers:    map[int64]map[clientv3.LeaseID]int64{},
 		ownMarkers: map[int64]map[clientv3.LeaseID]int64{},
-		sweep:     make(chan struct{}, 1),
-		changed:   make(chan struct{}),
-		mine:      map[int64]*ownership{},
-		resigning: map[int64]time.Time{},
-		flights:   map[int64]*flight{},
-		queues:    map[int64]*callbackQueue{},
-		known:     map[int64]bool{},
+		sweep:      make(chan struct{}, 1),
+		changed:    make(chan struct{}),
+		mine:       map[int64]*ownership{},
+		resigning:  map[int64]time.Time{},
+		flights:    map[int64]*flight{},
+		queues:     map[int64]*callbackQueue{},
+		known:      map[int64]bool{},
 	}
 	e.slots = make(chan struct{}, cfg.ElectionConcurrency)
 	e.takeover.init()
