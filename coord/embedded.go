@@ -249,9 +249,11 @@ func (e *Embedded) NewClient(ctx context.Context, endpoints ...string) (*clientv
 	return Dial(ctx, endpoints, e.logger.Named("etcd-client"))
 }
 
-// Stop stops member i, as a crash would (its data stays for Restart).
-// With clients connected it can take a few seconds: etcd waits for open
-// streams up to its request timeout. Members can be stopped concurrently.
+// Stop stops member i, as a crash would (its data stays for Restart): its
+// raft node stops at once, with no leadership transfer, so members stopped
+// concurrently lose quorum together; then its listeners close, which can
+// take a few seconds with clients connected (etcd waits for open streams
+// up to its request timeout).
 func (e *Embedded) Stop(i int) error {
 	e.mu.Lock()
 	if i < 0 || i >= len(e.members) {
@@ -265,6 +267,7 @@ func (e *Embedded) Stop(i int) error {
 	if etcd == nil {
 		return fmt.Errorf("coord: embedded etcd member %d is already stopped", i)
 	}
+	etcd.Server.HardStop()
 	etcd.Close()
 	return nil
 }

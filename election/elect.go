@@ -264,9 +264,7 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool) 
 		if released {
 			return
 		}
-		if uerr := e.mutexes.unlock(mx); uerr != nil {
-			e.logger.Warn("releasing an app mutex failed; its lease will release it", "app_id", app, "error", uerr)
-		}
+		e.mutexes.release(mx)
 	}()
 	if err := e.session.Check(); err != nil {
 		return owner{}, true, fmt.Errorf("%w: %w", ErrNotReady, err)

@@ -110,7 +110,7 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 		return nil, err
 	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
-	e.mutexes = &mutexes{cli: e.cli, ctx: e.ctx}
+	e.mutexes = &mutexes{cli: e.cli, ctx: e.ctx, logger: e.logger}
 	e.rewatch = make(chan struct{}, 1)
 	w, err := e.openWatch(ctx, 1)
 	if err != nil {
@@ -532,6 +532,7 @@ func (e *Elector) Close(ctx context.Context) error {
 
 	e.cancel()
 	e.loops.Wait()
+	e.mutexes.close()
 	e.session.DetachWatch()
 	e.mu.Lock()
 	e.closed = true

@@ -229,6 +229,10 @@ func TestTakeoverFromALiveOwnerWaitsForItsMarkerToGo(t *testing.T) {
 	}
 	// The marker was written bound to a's lease and deleted (by a) before
 	// b acted.
+	testutil.Eventually(t, 5*time.Second, "the marker's deletion to reach the test's watch", func() bool {
+		_, ok := markers.lastDelete()
+		return ok
+	})
 	ml := markers.snapshot()
 	if len(ml) != 2 || !ml[0].put || ml[1].put || ml[0].lease != int64(a.session.Lease()) {
 		t.Fatalf("marker events %+v; want one put bound to a's lease %x, then its delete", ml, a.session.Lease())
@@ -270,10 +274,11 @@ func TestTakeoverFromACutOffOwnerWaitsForItsLeaseToEnd(t *testing.T) {
 	// The marker went with a's lease (b's and the test's watches see the
 	// delete at slightly different instants, so only its existence and
 	// the intervals are compared).
-	gone, ok := markers.lastDelete()
-	if !ok {
-		t.Fatalf("b acted at %v; marker events %+v", acq.Sub(start), markers.snapshot())
-	}
+	testutil.Eventually(t, 5*time.Second, "the marker's deletion to reach the test's watch", func() bool {
+		_, ok := markers.lastDelete()
+		return ok
+	})
+	gone, _ := markers.lastDelete()
 	if wait := acq.Sub(start); wait < c.ttl/2 {
 		t.Errorf("b acted %v after overwriting a cut-off owner's key; a's lease (TTL %v) cannot have ended yet", wait, c.ttl)
 	}
@@ -348,9 +353,13 @@ func TestHandOverWhileDisplacedLeavesTheNextOwnerWaitingForTheMarker(t *testing.
 		t.Fatalf("%s never acted", to)
 	}
 	acq, _ := acquiredBy(c.rec.snapshot(), to, app, start)
-	if _, ok := markers.lastDelete(); !ok || acq.Sub(start) < c.ttl/2 {
-		t.Errorf("%s acted %v after b overwrote the cut-off owner's key; marker events %+v", to, acq.Sub(start), markers.snapshot())
+	if acq.Sub(start) < c.ttl/2 {
+		t.Errorf("%s acted %v after b overwrote the cut-off owner's key, whose lease (TTL %v) cannot have ended yet", to, acq.Sub(start), c.ttl)
 	}
+	testutil.Eventually(t, 5*time.Second, "the marker's deletion to reach the test's watch", func() bool {
+		_, ok := markers.lastDelete()
+		return ok
+	})
 	c.rec.expectClean(t)
 }
 

@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
+
+	"github.com/hashicorp/go-hclog"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
@@ -29,7 +32,12 @@ type mutexes struct {
 	cli *clientv3.Client
 	// ctx bounds releases, which also run after the caller's ctx ended:
 	// the elector's lifetime.
-	ctx context.Context
+	ctx    context.Context
+	logger hclog.Logger
+
+	mu       sync.Mutex
+	closed   bool
+	releases sync.WaitGroup // background releases; close waits for them
 }
 
 // appLock is a held mutex.
@@ -67,9 +75,7 @@ func (m *mutexes) lock(ctx context.Context, lease clientv3.LeaseID, prefix strin
 		return l, nil
 	}
 	if err := m.waitTurn(ctx, prefix, l); err != nil {
-		if uerr := m.unlock(l); uerr != nil {
-			err = fmt.Errorf("%w (and releasing the place in the queue: %v)", err, uerr)
-		}
+		m.release(l)
 		return appLock{}, fmt.Errorf("election: lock %s: %w", prefix, err)
 	}
 	return l, nil
@@ -121,15 +127,34 @@ func waitDeleted(ctx context.Context, cli *clientv3.Client, key string, from int
 	return errors.New("election: watch of a mutex key closed")
 }
 
-// unlock releases l with a Txn guarded by IsOwner — never with an
-// unconditional delete: a retried one can delete a newer holder's key
-// (etcd issue 22082). If this server no longer holds the lock, nothing
-// is deleted. It is bounded by one second and by the elector's life; a
+// release gives l up in the background, so that a caller whose ctx has
+// ended returns at once: a Txn guarded by IsOwner — never an
+// unconditional delete, since a retried one can delete a newer holder's
+// key (etcd issue 22082) — bounded by one second and by the elector's
+// life. If this server no longer holds the lock, nothing is deleted. A
 // key left behind is this server's, bound to its lease: its next lock of
-// the app finds it, and the lease's end removes it.
-func (m *mutexes) unlock(l appLock) error {
-	ctx, cancel := context.WithTimeout(m.ctx, time.Second)
-	defer cancel()
-	_, err := m.cli.Txn(ctx).If(l.IsOwner()).Then(clientv3.OpDelete(l.Key())).Commit()
-	return err
+// the app reuses it (and a release still in flight then only costs that
+// election a retry), and the lease's end removes it.
+func (m *mutexes) release(l appLock) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return // closing: the lease's revoke or end releases it
+	}
+	m.releases.Go(func() {
+		ctx, cancel := context.WithTimeout(m.ctx, time.Second)
+		defer cancel()
+		if _, err := m.cli.Txn(ctx).If(l.IsOwner()).Then(clientv3.OpDelete(l.Key())).Commit(); err != nil {
+			m.logger.Debug("releasing an app mutex failed; its lease will release it", "key", l.Key(), "error", err)
+		}
+	})
+}
+
+// close stops background releases and waits for those under way (they
+// end with the elector's context).
+func (m *mutexes) close() {
+	m.mu.Lock()
+	m.closed = true
+	m.mu.Unlock()
+	m.releases.Wait()
 }
