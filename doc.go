@@ -28,18 +28,33 @@
 //	{p}/current-server/{appId}    owner record {"serverId","protocols","ttlMillis","acquiredAt"}, owner's lease
 //	{p}/locks/{appId}/            the app's concurrency.Mutex, electing server's lease
 //	{p}/servers/{serverId}        server record, that server's lease
+//	{p}/displaced/{appId}/{lease} displacement marker {"serverId","token"}, the displaced owner's lease
 //
 // The fencing token of an ownership is the ModRevision of its owner key.
 // An owner never rewrites its own record, so a write that compares the
 // owner key's ModRevision with the token succeeds only while that
 // ownership lasts, and tokens strictly increase for each app.
 //
+// A server that takes an app from an owner that is alive in etcd but does
+// not answer pings overwrites its owner key, and in the same Txn writes a
+// displacement marker bound to the displaced owner's lease. No server acts
+// for an app while any marker for it exists. The displaced owner deletes
+// its marker once its watch has shown the overwrite and its ownership is
+// over; otherwise the marker goes when etcd expires that lease, which the
+// guard makes happen only after the displaced owner stopped. The
+// obligation to wait for the old owner is thus kept by etcd, not by the
+// memory of the server that displaced it: if that server crashes, is cut
+// off or closes during the wait, whoever comes next waits just as long.
+//
 // # Guarantees
 //
 //  1. No overlap: for every app, the ownership intervals of different
-//     servers never overlap, under crashes, pauses, partitions and etcd
-//     member or leader loss. Each server stops acting, by its own clock,
-//     before etcd can hand its apps to anyone else (see coord.Session).
+//     servers never overlap, under crashes, pauses, partitions, etcd
+//     member or leader loss, lost responses, host suspend, and any
+//     composition of these. Each server stops acting, by its own clock,
+//     before etcd can hand its apps to anyone else (see coord.Session);
+//     the clock counts time the host spent suspended (CLOCK_BOOTTIME on
+//     Linux). Tokens strictly increase for each app.
 //  2. Liveness: after a fault heals or a server dies, every app has an
 //     owner within TTL + 1 s, and connected workers follow within 100 ms
 //     of the owner key changing.

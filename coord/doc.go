@@ -30,11 +30,35 @@
 // lease; when etcd has lost the lease it grants a new one, calls OnLease
 // and starts an epoch on that.
 //
-// A lease whose rounds keep failing only at the watch step (keepalive and
-// read succeed, the watch never catches up) is given up a TTL after its
-// last deadline: revoked, so that its keys go and other servers take its
-// apps — etcd would keep it forever, and with it a server that cannot act
-// — and a new lease is started, as after a loss.
+// The linearizable read counts the whole ownership range (owner keys and
+// displacement markers, Keys.OwnershipRange), which the attached watch
+// covers. A watch response proves delivery up to its last event's
+// revision, or — for a progress notification — its header's.
+//
+// The guard's deadlines are kept on CLOCK_BOOTTIME (on Linux; Go's
+// monotonic clock elsewhere), which keeps counting while the host or VM is
+// suspended, as etcd's lease timers do on the etcd members. Go's timers do
+// not, so the guard timer never waits longer than the margin: a resumed
+// server's epoch ends within a margin, and Epoch.Check refuses at once.
+// Each epoch has a context (Epoch.Context) cancelled when it ends; work
+// that may run only while the epoch lasts belongs under it.
+//
+// A lease whose rounds fail only at the watch step (keepalive and read
+// succeed, the watch does not catch up) for a whole TTL in a row is given
+// up: revoked, so that its keys go and other servers take its apps — etcd
+// would keep it forever, and with it a server that cannot act — and a new
+// lease is started, as after a loss. Rounds failing at the keepalive or
+// the read (etcd slow or unreachable) interrupt the count, so after an
+// outage the watch has a full TTL to be restarted and the same lease and
+// tokens continue.
+//
+// etcd does not count downtime against a lease: a restarted member
+// recovers every lease with no expiry, and the leader of a new term gives
+// each its whole TTL again plus an election timeout (lessor Promote;
+// etcd 3.4 and 3.7 alike, lease checkpoints off by default and only taken
+// for leases over 5 minutes). So after a full etcd outage the servers
+// keep their leases, provided they reconnect within TTL plus the election
+// timeout of the new leader.
 //
 // etcd's own client computes a lease's deadline from when a keepalive
 // response arrived and checks it once a second; with a blackholed

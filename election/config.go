@@ -36,8 +36,9 @@ type Callbacks struct {
 	OnLose    func(app int64, token int64, reason Reason)
 }
 
-// Clock is the time source of takeover waits and retry pauses; tests can
-// replace it. The guard itself always runs on the real monotonic clock.
+// Clock is the time source of the ping memory and of resignation periods;
+// tests can replace it. The guard itself always runs on the session's
+// clock (CLOCK_BOOTTIME on Linux).
 type Clock interface {
 	Now() time.Time
 	AfterFunc(d time.Duration, f func()) interface{ Stop() bool }
@@ -82,7 +83,8 @@ type Config struct {
 	Pinger Pinger
 	// Callbacks are this server's ownership callbacks; both are optional.
 	Callbacks Callbacks
-	// Clock is the time source of takeover waits; nil means real time.
+	// Clock is the time source of the ping memory and of resignation
+	// periods; nil means real time.
 	Clock Clock
 	// Logger receives the elector's logs; nil discards them.
 	Logger hclog.Logger

@@ -26,14 +26,27 @@
 // Elect pings a foreign owner (Config.Pinger) before taking its app; a
 // server that did not answer is not pinged again by this server's other
 // elections for one PingTimeout. If the owner is alive in etcd but does
-// not answer, Elect overwrites its key; the
-// old owner stops at the latest when its guard fires, which can be up to
-// its TTL after the overwrite (a round that started just before the
-// overwrite can still be extending its deadline). So the new owner's
-// OnAcquire comes only the old owner's TTL after the overwrite; workers are
-// sent to the new owner at once. A deleted key, by contrast, proves that
-// its owner has stopped — its lease expired after its guard fired, or it
-// resigned after cancelling its work — so the successor starts at once.
+// not answer (or its record cannot be decoded — corrupt, or from a newer
+// baton), Elect overwrites its key, and in the same Txn writes a
+// displacement marker, {p}/displaced/{appId}/{leaseHex}, bound to the
+// displaced owner's lease. Workers are sent to the new owner at once.
+//
+// No server acts for an app while any marker for it exists: an ownership
+// becomes active only when this server's table — kept by its one watch of
+// owner keys and markers together — shows its own key at its token and no
+// marker for the app. The displaced owner deletes its marker (guarded by
+// the marker's ModRevision) after its watch has shown the overwrite and
+// its ownership's context is cancelled; a new owner then starts within
+// milliseconds. If the displaced owner cannot reach etcd, the marker goes
+// when etcd expires its lease, which its guard makes happen only after it
+// stopped. Since the obligation lives in etcd, it survives the crash,
+// partition or Close of the server that wrote the marker, and binds a
+// successor, a restarted server and a handover alike.
+//
+// A deleted owner key, by contrast, proves that its owner has stopped —
+// its lease expired after its guard fired, or it resigned after
+// cancelling its work — so the successor starts at once, unless a marker
+// left from an earlier displacement still holds the app.
 //
 // # Successors and handover
 //
@@ -46,17 +59,21 @@
 // successor acts at once, and workers see one change of owner instead of
 // a deletion and then a new owner (falling back to the deletion if the
 // successor's lease is gone). Close hands over every owned app that way,
-// 64 to a Txn, and waits for the successors. An ownership given up during
-// its takeover wait is handed on or deleted only when the wait is over.
+// 64 to a Txn, and waits for the successors. An ownership still held back
+// by a marker is handed on at once: the marker holds its successor back
+// in turn.
 //
 // # Callbacks
 //
 // OnAcquire and OnLose run per app in order, never concurrently for one
 // app, each app's on a goroutine that exists only while it has callbacks
-// to run. OnLose always follows its OnAcquire, Close included.
+// to run. OnLose always follows its OnAcquire, Close included. The
+// context OnAcquire receives is a child of the session epoch's context it
+// was activated in, so it ends with that epoch by construction, whoever
+// notices the end first.
 //
-// Never delete or write owner keys by hand, and never revoke a server's
-// lease by hand: a server learns of a foreign write only through its
+// Never delete or write owner keys or displacement markers by hand, and
+// never revoke a server's lease by hand: a server learns of a foreign write only through its
 // watch, so a hand-made deletion or revoke lets the successor start before
 // the old owner has stopped — by the skew between the two servers' watch
 // deliveries, a few milliseconds (TestRevokedOwnerIsReplacedBySuccessors).

@@ -10,8 +10,8 @@ import (
 // server waits out its own ping: a worker asking for ten such apps, or a
 // server taking over hundreds, would wait a PingTimeout per app,
 // ElectionConcurrency at a time. Treating a server as down for a moment
-// longer than it was is safe: the election then overwrites its key and
-// waits out its TTL before acting.
+// longer than it was is safe: the election then overwrites its key with a
+// displacement marker, and nobody acts before that server has stopped.
 type unansweredPings struct {
 	mu    sync.Mutex
 	until map[string]time.Time // server id → end of the memory
