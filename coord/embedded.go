@@ -249,11 +249,11 @@ func (e *Embedded) NewClient(ctx context.Context, endpoints ...string) (*clientv
 	return Dial(ctx, endpoints, e.logger.Named("etcd-client"))
 }
 
-// Stop stops member i, as a crash would (its data stays for Restart): its
-// raft node stops at once, with no leadership transfer, so members stopped
-// concurrently lose quorum together; then its listeners close, which can
-// take a few seconds with clients connected (etcd waits for open streams
-// up to its request timeout).
+// Stop stops member i (its data stays for Restart). With clients
+// connected it can take a few seconds: etcd waits for open streams up to
+// its request timeout, and a leader first hands its leadership on.
+// Members can be stopped concurrently; to take the whole cluster down at
+// one instant, use StopAll.
 func (e *Embedded) Stop(i int) error {
 	e.mu.Lock()
 	if i < 0 || i >= len(e.members) {
@@ -267,9 +267,37 @@ func (e *Embedded) Stop(i int) error {
 	if etcd == nil {
 		return fmt.Errorf("coord: embedded etcd member %d is already stopped", i)
 	}
-	etcd.Server.HardStop()
 	etcd.Close()
 	return nil
+}
+
+// StopAll stops every running member as a power cut would: each raft node
+// stops at once, with no leadership transfer, so the cluster stops
+// applying (and expiring leases) at one instant; only then do the
+// listeners close, which can take a few seconds with clients connected.
+// A peer request that reaches a member between its stop and the close of
+// its listeners can leave a goroutine of etcd's peer handler blocked for
+// good (etcdhttp's version handler, on the closed backend); tests that
+// use StopAll tell goleak to ignore it.
+func (e *Embedded) StopAll() {
+	e.mu.Lock()
+	var stopping []*embed.Etcd
+	for _, m := range e.members {
+		if m.etcd != nil {
+			stopping = append(stopping, m.etcd)
+			m.etcd = nil
+		}
+	}
+	e.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, etcd := range stopping {
+		wg.Go(etcd.Server.HardStop)
+	}
+	wg.Wait()
+	for _, etcd := range stopping {
+		wg.Go(etcd.Close)
+	}
+	wg.Wait()
 }
 
 // Restart starts stopped member i again on its old ports and data, and

@@ -29,15 +29,7 @@ func TestSameLeaseAndTokensAfterEtcdWasEntirelyDown(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	done := make(chan error, 3)
-	for i := range 3 {
-		go func() { done <- c.etcd.Stop(i) }()
-	}
-	for range 3 {
-		if err := <-done; err != nil {
-			t.Fatal(err)
-		}
-	}
+	c.etcd.StopAll()
 	stopped := time.Now()
 	if !c.rec.wait(10*time.Second, func([]event) bool { return len(c.rec.owners()) == 0 }) {
 		t.Fatalf("owners still acting with etcd down: %v", c.rec.owners())
@@ -46,6 +38,7 @@ func TestSameLeaseAndTokensAfterEtcdWasEntirelyDown(t *testing.T) {
 	case <-time.After(2*c.ttl - time.Since(stopped)): // the outage
 	case <-ctx.Done():
 	}
+	done := make(chan error, 3)
 	for i := range 3 {
 		go func() { done <- c.etcd.Restart(ctx, i) }()
 	}
