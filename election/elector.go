@@ -46,6 +46,7 @@ type Elector struct {
 	mu      sync.Mutex
 	table   map[int64]ownerKey                   // every app's owner key, as the watch shows it
 	markers map[int64]map[clientv3.LeaseID]int64 // app → displaced lease → the marker's ModRevision
+	rev     int64                                // the table holds every change up to this revision
 	// ownMarkers are markers bound to this server's lease, whose
 	// ownerships have ended: to be deleted (app → lease → ModRevision).
 	ownMarkers map[int64]map[clientv3.LeaseID]int64
@@ -311,6 +312,7 @@ func (e *Elector) reload(ctx context.Context) (int64, error) {
 			e.markerPut(app, lease, rev)
 		}
 	}
+	e.rev = max(e.rev, resp.Header.Revision)
 	e.settle()
 	e.mu.Unlock()
 	e.session.WatchCaughtUp(resp.Header.Revision)
@@ -362,6 +364,7 @@ func (e *Elector) observe(events []*clientv3.Event) {
 			e.deleted(app, prev)
 		}
 	}
+	e.rev = max(e.rev, events[len(events)-1].Kv.ModRevision)
 	e.settle()
 }
 

@@ -35,10 +35,15 @@ type ownership struct {
 // of changes they are applying is complete (a marker written in the same
 // Txn as the key must be in the table first). Calling it again for the
 // same token does nothing, and so does calling it for an app this server
-// is resigning. Called with e.mu held.
+// is resigning, or with a token the table has already seen replaced (an
+// election's response can arrive after the watch showed its write
+// overwritten). Called with e.mu held.
 func (e *Elector) own(app, token int64, lease clientv3.LeaseID) *ownership {
 	if e.closed || e.resigningNow(app) {
 		return nil
+	}
+	if k, ok := e.table[app]; e.rev >= token && (!ok || k.modRev != token) {
+		return nil // already replaced or deleted
 	}
 	if o := e.mine[app]; o != nil {
 		if o.token == token {
