@@ -121,8 +121,9 @@ type Session struct {
 }
 
 // NewSession grants a lease, calls OnLease, and returns once a first round
-// has confirmed it, or fails when ctx ends first (revoking what it
-// granted).
+// has confirmed it, or fails when ctx ends first. On failure it revokes
+// what it granted, trying for at most 100 ms once ctx has ended: a lease
+// whose revoke fails expires on its own a TTL later.
 func NewSession(ctx context.Context, cfg SessionConfig) (*Session, error) {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
@@ -148,7 +149,12 @@ func NewSession(ctx context.Context, cfg SessionConfig) (*Session, error) {
 	defer context.AfterFunc(ctx, stop)()
 	if err := s.establish(setup); err != nil {
 		s.cancel()
-		s.revoke(context.Background())
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 100*time.Millisecond)
+		if d, ok := ctx.Deadline(); ok && time.Until(d) > 100*time.Millisecond {
+			rctx, cancel = context.WithDeadline(context.WithoutCancel(ctx), d)
+		}
+		s.revoke(rctx)
+		cancel()
 		if ctx.Err() != nil && !errors.Is(err, ctx.Err()) {
 			err = fmt.Errorf("coord: new session: %w: %w", ctx.Err(), err)
 		}
