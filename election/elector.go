@@ -55,6 +55,7 @@ type Elector struct {
 	mine       map[int64]*ownership // this server's ownerships, pending or active
 	active     int                  // how many of mine are active
 	resigning  map[int64]time.Time  // apps this server gave up, until a new owner shows or the time passes
+	owed       map[int64]int64      // stopped ownerships whose keys are still to be released (see release.go)
 	flights    map[int64]*flight    // elections in progress, one per app
 	queues     map[int64]*callbackQueue
 	known      map[int64]bool // app ids seen in the registry
@@ -100,6 +101,7 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 		changed:    make(chan struct{}),
 		mine:       map[int64]*ownership{},
 		resigning:  map[int64]time.Time{},
+		owed:       map[int64]int64{},
 		flights:    map[int64]*flight{},
 		queues:     map[int64]*callbackQueue{},
 		known:      map[int64]bool{},
@@ -415,7 +417,7 @@ func (e *Elector) passOnIfClosing(app, token int64) bool {
 	e.loops.Add(1)
 	go func() {
 		defer e.loops.Done()
-		if err := e.transferOrDelete(e.ctx, map[int64]int64{app: token}); err != nil {
+		if err := e.releaseOrOwe(e.ctx, map[int64]int64{app: token}); err != nil {
 			e.logger.Warn("passing on a handed-over app failed; the lease's end will free it", "app_id", app, "error", err)
 		}
 	}()

@@ -24,14 +24,21 @@ var ErrNoSuccessor = errors.New("election: no other live server to hand over to"
 // takeover of the app holds the successor back as it held this server).
 // Resign works on a pending ownership too. For 2×TTL, or until another server owns the app, this server
 // does not elect itself for it. Fails with ErrNotOwner if this server does
-// not own app. If the delete fails the key stays and names this server
-// until the resignation period ends; call Resign again.
+// not own app. If the delete fails Resign returns the error and keeps
+// retrying it in the background, once a second, until it succeeds or the
+// key changes; meanwhile this server does not own the app again.
 func (e *Elector) Resign(ctx context.Context, app int64) error {
 	token, err := e.stopOwning(app)
 	if err != nil {
 		return err
 	}
-	return e.deleteOwnerKeys(ctx, map[int64]int64{app: token})
+	if err := e.deleteOwnerKeys(ctx, map[int64]int64{app: token}); err != nil {
+		e.mu.Lock()
+		e.owe(map[int64]int64{app: token})
+		e.mu.Unlock()
+		return err
+	}
+	return nil
 }
 
 // stopOwning ends this server's ownership of app and marks it resigning.
@@ -74,7 +81,7 @@ func (e *Elector) HandOver(ctx context.Context, app int64) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if err := e.transferOrDelete(ctx, map[int64]int64{app: token}); err != nil {
+	if err := e.releaseOrOwe(ctx, map[int64]int64{app: token}); err != nil {
 		return "", err
 	}
 	owners, err := e.waitForOthers(ctx, map[int64]int64{app: token})
@@ -263,7 +270,7 @@ func (e *Elector) handOverAll(ctx context.Context) error {
 	if len(tokens) == 0 {
 		return nil
 	}
-	if err := e.transferOrDelete(ctx, tokens); err != nil {
+	if err := e.releaseOrOwe(ctx, tokens); err != nil {
 		return err
 	}
 	if e.successor(0, e.cfg.ServerID) == "" {

@@ -118,8 +118,8 @@ func (e *Elector) takeoverLoop() {
 	}
 }
 
-// membersLoop reconsiders orphaned apps whenever the live-server set
-// changes — a successor that died before taking its apps over is replaced
+// membersLoop pays the releases this server owes (see release.go) and
+// reconsiders orphaned apps whenever the live-server set changes — a successor that died before taking its apps over is replaced
 // by the next one — and once a second while orphans are left, so that a
 // takeover that failed (this server was not confirmed yet, say right
 // after etcd came back) is tried again. It touches etcd only when there is
@@ -137,6 +137,7 @@ func (e *Elector) membersLoop() {
 		}
 		changed = e.members.Changed() // before reading: no change slips by
 		e.reconsiderOrphans()
+		e.payDebts()
 	}
 }
 
