@@ -102,8 +102,10 @@ func (n *Node) handleHandOver(w http.ResponseWriter, r *http.Request, run *runni
 	ok(w, map[string]any{"appId": app, "newOwner": to})
 }
 
+// handleDrain drains the node. The drain is not bound to the request: a
+// client that hangs up does not cut it short.
 func (n *Node) handleDrain(w http.ResponseWriter, r *http.Request, _ *running) {
-	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 10*time.Second)
 	defer cancel()
 	if err := n.Drain(ctx); err != nil {
 		failed(w, err.Error())

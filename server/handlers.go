@@ -149,7 +149,14 @@ func (n *Node) handleAcquire(w http.ResponseWriter, r *http.Request, run *runnin
 	ok(w, addr)
 }
 
+// handlePing answers the server-to-server ping. A node that is draining,
+// closed or killed answers 503: it will not act for any app, and a peer
+// that took its answer as "alive" would send workers to it.
 func (n *Node) handlePing(w http.ResponseWriter, _ *http.Request, run *running) {
+	if n.stopping.Load() {
+		writeResult(w, http.StatusServiceUnavailable, Result{Message: "server is draining or stopped"})
+		return
+	}
 	ok(w, run.protocols)
 }
 

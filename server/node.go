@@ -31,9 +31,22 @@ type Node struct {
 	handler  http.Handler
 	run      atomic.Pointer[running] // set once Start succeeded
 
+	// stopping is set once a drain, Close or Kill has begun: from then on
+	// the node answers /friend/ping as not serving, so that no peer sends
+	// workers to a node that will not act.
+	stopping atomic.Bool
+
 	mu      sync.Mutex
 	started bool
 	closed  bool
+	drain   *drainResult // the one drain, once begun
+}
+
+// drainResult is the outcome of the node's one drain, shared by every
+// caller of Drain and by Close.
+type drainResult struct {
+	done chan struct{}
+	err  error
 }
 
 // running is what Start built; handlers read it without locks.
@@ -219,19 +232,62 @@ func (n *Node) Session() *coord.Session {
 // Registry returns the app registry the node answers /server/assert from.
 func (n *Node) Registry() *coord.Registry { return n.registry }
 
-// Drain hands every owned app to its successor and stops electing this
-// server, waiting for the handover until ctx ends. The node keeps
-// answering HTTP (acquire then fails, so workers move on) until Close.
+// Drain takes this node out of service for good: it hands every owned app
+// to its successor (waiting for the successors until ctx ends, minus a
+// share kept for the revoke), stops electing itself, and revokes its
+// lease, so that its membership key and any owner key or displacement
+// marker left behind by a handover that failed or was cut short disappear
+// at once and other servers take those apps over. If the revoke fails too
+// (etcd unreachable), the lease, no longer kept alive, expires within its
+// TTL. From the start of the drain the node answers /friend/ping as not
+// serving and /server/acquire with an error, so peers and workers move
+// on; it keeps answering HTTP until Close. Every call returns the outcome
+// of the one drain (waiting for it until ctx ends); it never re-joins
+// membership, even after etcd lost its lease.
 func (n *Node) Drain(ctx context.Context) error {
-	if el := n.Elector(); el != nil {
-		return el.Close(ctx)
+	r := n.run.Load()
+	if r == nil {
+		return errors.New("server: Drain before Start")
 	}
-	return nil
+	n.mu.Lock()
+	if d := n.drain; d != nil {
+		n.mu.Unlock()
+		select {
+		case <-d.done:
+			return d.err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	d := &drainResult{done: make(chan struct{})}
+	n.drain = d
+	n.mu.Unlock()
+
+	n.stopping.Store(true)
+	handover, cancel := leaveRoom(ctx, releaseShare)
+	err := r.elector.Close(handover)
+	if handover.Err() != nil {
+		// Not everything may have been handed over: what is left goes
+		// with the revoke below, and the caller should know.
+		err = errors.Join(err, fmt.Errorf("server: drain cut short: %w", handover.Err()))
+	}
+	cancel()
+	revoke, cancel := withFloor(ctx, releaseFloor)
+	err = errors.Join(err, r.session.Close(revoke))
+	cancel()
+	if err != nil {
+		n.logger.Warn("drain did not complete; what is left goes with the lease", "error", err)
+	}
+	d.err = err
+	close(d.done)
+	return err
 }
 
-// Close drains (see Drain), revokes the lease — so the membership key and
-// any key left behind disappear at once — and shuts the HTTP server down
-// gracefully, all bounded by ctx. It is idempotent.
+// Close drains (see Drain) and shuts the HTTP server down gracefully,
+// bounded by ctx; the revoke and the shutdown each get at least
+// releaseFloor even when the drain used up ctx, so that a drain cut short
+// still frees the node's keys at once and lets in-flight requests finish.
+// It is idempotent.
 func (n *Node) Close(ctx context.Context) error {
 	n.mu.Lock()
 	if n.closed {
@@ -240,7 +296,37 @@ func (n *Node) Close(ctx context.Context) error {
 	}
 	n.closed = true
 	n.mu.Unlock()
+	n.stopping.Store(true)
 	return n.release(ctx, n.run.Load())
+}
+
+// releaseShare is the share of a Drain's or Close's ctx kept back from
+// the handover for the revoke and the HTTP shutdown, at most
+// releaseShareMax; releaseFloor is the least time each of them gets.
+const (
+	releaseShare    = 4 // a quarter
+	releaseShareMax = time.Second
+	releaseFloor    = 250 * time.Millisecond
+)
+
+// leaveRoom returns ctx with its deadline (if any) moved earlier by
+// 1/share of the time left, at most releaseShareMax.
+func leaveRoom(ctx context.Context, share int) (context.Context, context.CancelFunc) {
+	d, ok := ctx.Deadline()
+	if !ok {
+		return context.WithCancel(ctx)
+	}
+	return context.WithDeadline(ctx, d.Add(-min(time.Until(d)/time.Duration(share), releaseShareMax)))
+}
+
+// withFloor returns a context that ends when ctx does, but not before
+// floor from now.
+func withFloor(ctx context.Context, floor time.Duration) (context.Context, context.CancelFunc) {
+	d, hasDeadline := ctx.Deadline()
+	if ctx.Err() == nil && (!hasDeadline || time.Until(d) >= floor) {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeout(context.WithoutCancel(ctx), floor)
 }
 
 // Kill stops the node the way a crash would, for tests and demos: the
@@ -257,6 +343,7 @@ func (n *Node) Kill() {
 	}
 	n.closed = true
 	n.mu.Unlock()
+	n.stopping.Store(true)
 	r := n.run.Load()
 	if r == nil {
 		return
@@ -271,27 +358,37 @@ func (n *Node) Kill() {
 	r.elector.Close(gone)
 }
 
-// release closes what start opened, in reverse order.
+// release closes what start opened, in reverse order: for a started node
+// the drain (which revokes the lease) and then the HTTP server; for a
+// start that failed, whatever it had opened.
 func (n *Node) release(ctx context.Context, r *running) error {
 	if r == nil {
 		return nil
 	}
-	var errs []error
-	if r.elector != nil {
-		errs = append(errs, r.elector.Close(ctx))
+	if n.run.Load() != r {
+		var errs []error
+		if r.elector != nil {
+			errs = append(errs, r.elector.Close(ctx))
+		}
+		if r.session != nil {
+			errs = append(errs, r.session.Close(ctx))
+		}
+		if r.listener != nil {
+			r.listener.Close()
+		}
+		return errors.Join(errs...)
 	}
-	if r.session != nil {
-		errs = append(errs, r.session.Close(ctx))
-	}
-	switch {
-	case r.http != nil && r.serveDone != nil && n.run.Load() == r:
-		if err := r.http.Shutdown(ctx); err != nil {
+	drain, cancel := leaveRoom(ctx, releaseShare)
+	err := n.Drain(drain)
+	cancel()
+	if r.http != nil {
+		shutdown, cancel := withFloor(ctx, releaseFloor)
+		defer cancel()
+		if serr := r.http.Shutdown(shutdown); serr != nil {
 			r.http.Close()
-			errs = append(errs, err)
+			err = errors.Join(err, serr)
 		}
 		<-r.serveDone
-	case r.listener != nil:
-		r.listener.Close()
 	}
-	return errors.Join(errs...)
+	return err
 }

@@ -1,0 +1,91 @@
+package server_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/testutil"
+	"github.com/batonhq/baton/server"
+)
+
+// A drain that cannot finish — etcd unreachable, or a ctx that has
+// already ended — must not strand the node's apps: the node stops looking
+// alive at once (ping), revokes its lease (or lets it expire), and another
+// server acts for every app within TTL + 1 s of the fault healing. A
+// second Drain returns the first's outcome; the node never re-joins
+// membership. (Before: the keys stayed on the live lease, the node kept
+// answering pings, and nobody acted until Close.)
+func TestADrainThatCannotFinishReleasesTheApps(t *testing.T) {
+	for _, how := range []string{"cut off", "ended ctx"} {
+		t.Run(how, func(t *testing.T) {
+			e := testutil.Etcd(t, 1)
+			keys, _ := coord.NewKeys("")
+			reg := coord.NewRegistry(e.Client(), keys)
+			var apps []int64
+			for _, name := range []string{"x", "y", "z"} {
+				app, err := reg.Register(context.Background(), name)
+				if err != nil {
+					t.Fatal(err)
+				}
+				apps = append(apps, app.ID)
+			}
+			p, url := testutil.Proxy(t, e.Endpoint(0))
+			s1 := startNode(t, e, "s1", func(c *server.Config) { c.Client = testutil.Client(t, e, url) })
+			s2 := startNode(t, e, "s2")
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			for _, app := range apps {
+				if addr, err := s1.Elector().Elect(ctx, app, coord.ProtocolHTTP, ""); err != nil || addr != s1.Addr() {
+					t.Fatalf("Elect on s1: %q, %v", addr, err)
+				}
+			}
+			testutil.Eventually(t, 5*time.Second, "s2 to see s1 as a member", func() bool {
+				_, ok := s2.Elector().Members().Get("s1")
+				return ok
+			})
+
+			var err error
+			healed := time.Now()
+			if how == "cut off" {
+				p.PauseTx()
+				p.PauseRx()
+				dctx, dcancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+				err = s1.Drain(dctx)
+				dcancel()
+				p.UnpauseTx()
+				p.UnpauseRx()
+				healed = time.Now()
+			} else {
+				ended, end := context.WithCancel(context.Background())
+				end()
+				err = s1.Drain(ended)
+			}
+			if err == nil {
+				t.Fatal("a drain that could not hand over reported success")
+			}
+			if again := s1.Drain(context.Background()); !errors.Is(again, err) && again.Error() != err.Error() {
+				t.Errorf("second Drain = %v; want the first's %v", again, err)
+			}
+			if _, perr := (server.HTTPPinger{}).Ping(ctx, s1.Addr()); perr == nil {
+				t.Error("a draining node still answers pings as alive")
+			}
+			// Within TTL + 1 s (plus a second for a loaded machine) s2 acts
+			// for every app; workers asking s2 are sent to s2.
+			testutil.Eventually(t, s2.Session().TTL()+2*time.Second, "s2 to act for every app", func() bool {
+				return len(s2.Elector().Owned()) == len(apps)
+			})
+			t.Logf("s2 acts for every app %v after the fault", time.Since(healed).Round(time.Millisecond))
+			for _, app := range apps {
+				if addr, err := s2.Elector().Elect(ctx, app, coord.ProtocolHTTP, s1.Addr()); err != nil || addr != s2.Addr() {
+					t.Errorf("Elect app %d on s2 = %q, %v; want s2", app, addr, err)
+				}
+			}
+			if _, ok := s2.Elector().Members().Get("s1"); ok {
+				t.Error("the drained node is still a member")
+			}
+		})
+	}
+}
