@@ -52,6 +52,9 @@ func (e *Elector) Elect(ctx context.Context, app int64, protocol, currentServer 
 	if o != nil {
 		return workerAddress(e.cfg.Protocols, protocol), nil
 	}
+	if e.unknownRecently(app) {
+		return "", fmt.Errorf("%w: %d", ErrUnknownApp, app)
+	}
 	owner, err := e.ensureOwner(ctx, app)
 	if err != nil {
 		return "", err
@@ -105,6 +108,9 @@ func (e *Elector) readOwner(ctx context.Context, app int64) (*mvccpb.KeyValue, e
 	}
 	if !known {
 		if _, err := e.registry.ByIDResult(app, resp.Responses[1].GetResponseRange().Kvs); err != nil {
+			if errors.Is(err, ErrUnknownApp) {
+				e.markUnknown(app)
+			}
 			return nil, err
 		}
 		e.mu.Lock()
@@ -115,6 +121,40 @@ func (e *Elector) readOwner(ctx context.Context, app int64) (*mvccpb.KeyValue, e
 		return kvs[0], nil
 	}
 	return nil, nil
+}
+
+// unknownFor is how long an app id found unregistered is answered from
+// memory: a worker (or an attacker) asking for an unknown id again and
+// again costs one etcd read per unknownFor, not one per request, and no
+// election slot. An app registered meanwhile is found after at most that
+// long.
+const unknownFor = time.Second
+
+// maxUnknown bounds the memory of unknown ids; past it the memory starts
+// afresh.
+const maxUnknown = 4096
+
+// markUnknown remembers that app was not registered.
+func (e *Elector) markUnknown(app int64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if len(e.unknown) >= maxUnknown {
+		clear(e.unknown)
+	}
+	e.unknown[app] = e.cfg.Clock.Now().Add(unknownFor)
+}
+
+// unknownRecently reports whether app was found unregistered less than
+// unknownFor ago.
+func (e *Elector) unknownRecently(app int64) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	until, ok := e.unknown[app]
+	if ok && !e.cfg.Clock.Now().Before(until) {
+		delete(e.unknown, app)
+		return false
+	}
+	return ok
 }
 
 // owner is the answer of an election: who owns the app and where it

@@ -10,6 +10,7 @@ import (
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/election"
+	"github.com/batonhq/baton/internal/testutil"
 )
 
 func TestConcurrentElectionsGiveOneOwnerPerApp(t *testing.T) {
@@ -117,4 +118,34 @@ func TestElectRejectsBadRequests(t *testing.T) {
 	if owner, _ := c.ownerOf(t, app); owner != "" {
 		t.Errorf("bad requests elected %s", owner)
 	}
+}
+
+// An unknown app id asked for again and again costs one etcd read per
+// second of memory, not one per request; once registered, the app is
+// found within that second.
+func TestUnknownAppsAreAnsweredFromMemoryBriefly(t *testing.T) {
+	c := newCluster(t, 1, time.Second)
+	var count atomic.Int64
+	n := c.addNode("s1", withClient(countingClient(t, &count)))
+	c.register(t, "known")
+	ctx := context.WithValue(context.Background(), countMarker{}, true)
+	const unknown = 77
+	start := time.Now()
+	for range 100 {
+		if _, err := n.el.Elect(ctx, unknown, coord.ProtocolHTTP, ""); !errors.Is(err, election.ErrUnknownApp) {
+			t.Fatalf("unknown app: %v", err)
+		}
+	}
+	// One read per second of elapsed time at most (a slow machine may
+	// cross a second boundary).
+	if most := 1 + int64(time.Since(start)/time.Second); count.Load() > most {
+		t.Errorf("100 Elects of an unknown app made %d etcd requests in %v; want at most %d", count.Load(), time.Since(start), most)
+	}
+	if ids := c.registerN(t, unknown-1); ids[len(ids)-1] != unknown {
+		t.Fatalf("registered up to id %d, want %d", ids[len(ids)-1], unknown)
+	}
+	testutil.Eventually(t, 3*time.Second, "the newly registered app to be found", func() bool {
+		_, err := n.el.Elect(ctx, unknown, coord.ProtocolHTTP, "")
+		return err == nil
+	})
 }

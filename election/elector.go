@@ -58,7 +58,8 @@ type Elector struct {
 	owed       map[int64]int64      // stopped ownerships whose keys are still to be released (see release.go)
 	flights    map[int64]*flight    // elections in progress, one per app
 	queues     map[int64]*callbackQueue
-	known      map[int64]bool // app ids seen in the registry
+	known      map[int64]bool      // app ids seen in the registry
+	unknown    map[int64]time.Time // app ids found unregistered, until when that is believed
 	takeover   takeoverQueue
 	// unanswered is guarded by its own mutex: pings run without e.mu.
 	unanswered unansweredPings
@@ -105,6 +106,7 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 		flights:    map[int64]*flight{},
 		queues:     map[int64]*callbackQueue{},
 		known:      map[int64]bool{},
+		unknown:    map[int64]time.Time{},
 	}
 	e.slots = make(chan struct{}, cfg.ElectionConcurrency)
 	e.takeover.init()

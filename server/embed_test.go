@@ -56,6 +56,15 @@ func TestHandlerMountsInAnExistingServer(t *testing.T) {
 	if r := w.get(addr, "/server/assert", url.Values{"appName": {"orders"}}); !r.success {
 		t.Fatalf("assert: %q", r.message)
 	}
+	if r := w.get(addr, "/friend/ping", nil); !r.success {
+		t.Fatalf("ping of a running node: %d %q", r.status, r.message)
+	}
+	// The scheduler's HTTP server outlives the node: after Kill the
+	// mounted handler must not tell peers the node is alive.
+	n.Kill()
+	if r := w.get(addr, "/friend/ping", nil); r.success || r.status != http.StatusServiceUnavailable {
+		t.Fatalf("ping after Kill: %d %v %q; want 503", r.status, r.success, r.message)
+	}
 }
 
 func TestKillLeavesTheLeaseToExpire(t *testing.T) {
