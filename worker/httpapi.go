@@ -48,7 +48,11 @@ func (a *httpAPI) get(ctx context.Context, server, path string, q url.Values, ou
 	if err != nil {
 		return err
 	}
-	defer resp.Body.Close()
+	defer func() {
+		// Read what is left so that the connection can be reused.
+		io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+		resp.Body.Close()
+	}()
 	var env struct {
 		Success bool            `json:"success"`
 		Data    json.RawMessage `json:"data"`

@@ -163,7 +163,7 @@ func (d *Discovery) run(st startState) {
 	timer := d.cfg.Clock.After(d.cfg.Interval)
 	var health <-chan time.Time
 	if d.cfg.Client != nil {
-		t := time.NewTicker(min(d.cfg.EtcdGrace/3, time.Second))
+		t := time.NewTicker(max(min(d.cfg.EtcdGrace/3, time.Second), time.Millisecond))
 		defer t.Stop()
 		health = t.C
 	}
@@ -190,13 +190,11 @@ func (d *Discovery) run(st startState) {
 			}
 		case <-timer:
 			timer = d.cfg.Clock.After(d.cfg.Interval)
+			if d.cfg.Client != nil && l.watchCh == nil && l.connHealthy() {
+				l.resyncOrResolve() // lazy start, or etcd back: watch again
+			}
 			if l.watchCh == nil || l.searching {
-				if d.cfg.Client != nil && l.watchCh == nil && d.AppID() != 0 && l.connHealthy() {
-					l.resync() // lazy start, or etcd back: watch again
-				}
-				if l.watchCh == nil || l.searching {
-					l.startRound()
-				}
+				l.startRound()
 			}
 		case addr := <-d.reports:
 			if cur, ok := d.Current(); ok && cur.Address == addr {
@@ -204,6 +202,7 @@ func (d *Discovery) run(st startState) {
 			}
 		case <-health:
 			l.checkHealth()
+
 		}
 	}
 }
@@ -215,6 +214,20 @@ func (l *loop) leaveWatch() {
 	l.d.metrics.setWatching(false)
 }
 
+// resyncOrResolve watches the owner key again, first resolving the app
+// through etcd if that is still to do (an app registered after a lazy
+// Start, or etcd unreachable then).
+func (l *loop) resyncOrResolve() {
+	d := l.d
+	if d.AppID() == 0 {
+		if err := d.resolveApp(d.ctx, true); err != nil {
+			d.logger.Debug("app not resolved yet", "error", err)
+			return
+		}
+	}
+	l.resync()
+}
+
 // resync starts a watch of the owner key, waits until etcd has created
 // it, then reads the key. A watch started from the current revision is
 // "synced" in etcd from the first moment and gets events as they are
@@ -224,15 +237,18 @@ func (l *loop) leaveWatch() {
 func (l *loop) resync() bool {
 	d := l.d
 	ctx, cancel := context.WithCancel(clientv3.WithRequireLeader(d.ctx))
+	// Watch itself blocks while the client's stream cannot take the
+	// request (a dead connection): cancelling ctx is what bounds it.
+	giveUp := time.AfterFunc(d.cfg.RequestTimeout, cancel)
 	wch := d.cfg.Client.Watch(ctx, d.keys.Owner(d.AppID()), clientv3.WithCreatedNotify())
 	created := false
-	timeout := time.NewTimer(d.cfg.RequestTimeout)
-	defer timeout.Stop()
 	select {
 	case resp, ok := <-wch:
 		created = ok && resp.Err() == nil && resp.Created
-	case <-timeout.C:
-	case <-d.ctx.Done():
+	case <-ctx.Done():
+	}
+	if !giveUp.Stop() {
+		created = false // the timeout won the race: ctx is cancelled
 	}
 	if !created {
 		cancel()
@@ -319,6 +335,13 @@ func (l *loop) finished(out roundOutcome) {
 	l.roundRunning = false
 	stale := out.gen != l.gen && l.watchCh != nil
 	switch {
+	case out.ok && l.watchCh != nil:
+		// While etcd answers, it alone says who the owner is: the round
+		// has made the server asked elect an owner if there was none,
+		// and that owner's put arrives on the watch. An HTTP answer — a
+		// deposed owner's stale table, say — never overrides it.
+		l.failed = 0
+		return
 	case out.ok && !stale:
 		d.setCurrent(out.server)
 		l.found()

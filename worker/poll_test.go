@@ -3,6 +3,10 @@ package worker_test
 import (
 	"context"
 	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -163,6 +167,82 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 	} {
 		if _, err := worker.New(tc.cfg); !errors.Is(err, worker.ErrInvalidConfig) || !contains(err.Error(), tc.want) {
 			t.Errorf("New: %v, want an error naming %q", err, tc.want)
+		}
+	}
+}
+
+// A lazy worker with an etcd client and no server list finds an app
+// registered after its Start through etcd, and watches it.
+func TestLazyWorkerWithEtcdResolvesAnAppRegisteredLater(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	n := startNode(t, e, "s1", "127.0.0.1:0")
+	cli := testutil.Client(t, e)
+	clock := testutil.NewFakeClock()
+	w := startWorker(t, "late", func(c *worker.Config) {
+		c.Client = cli
+		c.AllowLazyConnect = true
+		c.Clock = clock
+	})
+	if w.discovery.AppID() != 0 {
+		t.Fatal("resolved an app that is not registered")
+	}
+	app := register(t, cli, "late")
+	elect(t, n, app)
+	clock.BlockUntil(1, 5*time.Second)
+	clock.Advance(10 * time.Second)
+	w.wait(t, 10*time.Second, "the worker to find the owner", func() bool { return w.current() == n.Addr() })
+	testutil.Eventually(t, 5*time.Second, "the worker to watch", func() bool {
+		return w.metric(t, "baton_worker_watching", "") == 1
+	})
+}
+
+// While the worker watches etcd, an HTTP answer never overrides it: a
+// server answering from a stale table (a deposed owner, say) after the
+// worker's own traffic reported its server unreachable leaves the worker
+// on the owner etcd names, with its token.
+func TestAnHTTPAnswerNeverOverridesEtcdWhileWatching(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	n := startNode(t, e, "s1", "127.0.0.1:0")
+	cli := testutil.Client(t, e)
+	app := register(t, cli, "orders")
+	elect(t, n, app)
+	var asked atomic.Int64
+	stale := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		w.Write([]byte(`{"success":true,"data":"10.1.2.3:7700","message":""}`))
+	}))
+	defer stale.Close()
+	w := startWorker(t, "orders", func(c *worker.Config) {
+		c.Client = cli
+		c.Servers = []string{strings.TrimPrefix(stale.URL, "http://")}
+	})
+	before, _ := w.discovery.Current()
+	if before.Address != n.Addr() || before.Token == 0 {
+		t.Fatalf("worker starts at %+v; want s1 with its token", before)
+	}
+	testutil.Eventually(t, 5*time.Second, "the worker to watch", func() bool {
+		return w.metric(t, "baton_worker_watching", "") == 1
+	})
+	w.discovery.ReportUnreachable(n.Addr())
+	testutil.Eventually(t, 5*time.Second, "the stale server to be asked", func() bool { return asked.Load() > 0 })
+	// The round that asked it has finished once its result is counted.
+	testutil.Eventually(t, 5*time.Second, "the round to finish", func() bool {
+		return w.metric(t, "baton_worker_rounds_total", "") > 0
+	})
+	// The loop applies a round's result microseconds after counting it;
+	// watch for half a second that nothing replaces the owner.
+	window := time.After(500 * time.Millisecond)
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if now, _ := w.discovery.Current(); now != before {
+			t.Fatalf("an HTTP answer replaced the owner etcd names: %+v → %+v", before, now)
+		}
+		select {
+		case <-tick.C:
+		case <-window:
+			return
 		}
 	}
 }
