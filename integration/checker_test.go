@@ -81,6 +81,24 @@ func (c *checker) killed(server string, at int64) {
 	c.changed = make(chan struct{})
 }
 
+// changes returns a channel closed at the next event.
+func (c *checker) changes() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.changed
+}
+
+// openIntervals returns, per app, the open intervals.
+func (c *checker) openIntervals() map[int64][]interval {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := map[int64][]interval{}
+	for _, iv := range c.open {
+		out[iv.app] = append(out[iv.app], *iv)
+	}
+	return out
+}
+
 // owners returns, per app, the servers holding an open interval.
 func (c *checker) owners() map[int64][]string {
 	c.mu.Lock()

@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"os/exec"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -28,13 +29,16 @@ const prefix = "/it"
 // processes, each reaching every etcd member through a proxy of its own so
 // that it can be cut off alone.
 type cluster struct {
-	t     *testing.T
-	etcd  *coord.Embedded
-	keys  coord.Keys
-	ttl   time.Duration
-	check *checker
-	nodes map[string]*proc
-	http  *http.Client
+	t      *testing.T
+	etcd   *coord.Embedded
+	prefix string
+	keys   coord.Keys
+	ttl    time.Duration
+	ttls   map[string]time.Duration // a node's own TTL, when not ttl
+	args   []string                 // more flags for every node
+	check  *checker
+	nodes  map[string]*proc
+	http   *http.Client
 }
 
 // proc is one server process.
@@ -48,15 +52,33 @@ type proc struct {
 	public  string        // front's address: what workers are told (-external)
 	done    chan struct{} // closed when its stdout is drained
 	exited  chan struct{} // closed when the process has exited
+	ended   atomic.Bool   // set before the test kills or stops it
 }
 
 func newCluster(t *testing.T, ttl time.Duration) *cluster {
-	e := testutil.Etcd(t, 3)
-	keys, _ := coord.NewKeys(prefix)
+	return newClusterOn(t, testutil.Etcd(t, 3), prefix, ttl)
+}
+
+// newClusterOn is a cluster of its own under pfx on an etcd that other
+// clusters may share.
+func newClusterOn(t *testing.T, e *coord.Embedded, pfx string, ttl time.Duration) *cluster {
+	keys, err := coord.NewKeys(pfx)
+	if err != nil {
+		t.Fatal(err)
+	}
 	tr := &http.Transport{}
 	t.Cleanup(tr.CloseIdleConnections)
-	return &cluster{t: t, etcd: e, keys: keys, ttl: ttl, check: newChecker(), nodes: map[string]*proc{},
+	return &cluster{t: t, etcd: e, prefix: pfx, keys: keys, ttl: ttl, ttls: map[string]time.Duration{},
+		check: newChecker(), nodes: map[string]*proc{},
 		http: &http.Client{Transport: tr, Timeout: 5 * time.Second}}
+}
+
+// ttlOf is the lease TTL node id runs with.
+func (c *cluster) ttlOf(id string) time.Duration {
+	if d, ok := c.ttls[id]; ok {
+		return d
+	}
+	return c.ttl
 }
 
 func freeAddr(t *testing.T) string {
@@ -70,8 +92,29 @@ func freeAddr(t *testing.T) string {
 
 // start runs examples/node as id and waits for its "started" line.
 func (c *cluster) start(id string) *proc {
+	c.t.Helper()
+	p, err := c.startNode(id)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return p
+}
+
+// startNode is start for goroutines other than the test's: it returns
+// its error. The proxies of a node that ran as id before (and was
+// killed) are closed first.
+func (c *cluster) startNode(id string) (*proc, error) {
 	t := c.t
-	t.Helper()
+	if old := c.nodes[id]; old != nil {
+		select {
+		case <-old.exited:
+			for _, px := range append(old.proxies, old.peer, old.front) {
+				px.Close()
+			}
+		default:
+			return nil, fmt.Errorf("node %s is still running", id)
+		}
+	}
 	p := &proc{id: id, addr: freeAddr(t), done: make(chan struct{}), exited: make(chan struct{})}
 	var urls []string
 	for i := range 3 {
@@ -87,14 +130,15 @@ func (c *cluster) start(id string) *proc {
 	p.front, p.public = front, strings.TrimPrefix(frontURL, "http://")
 	p.cmd = exec.Command(nodeBinary, "-etcd", strings.Join(urls, ","), "-listen", p.addr, "-id", id,
 		"-advertise", strings.TrimPrefix(peerURL, "http://"), "-external", p.public,
-		"-ttl", c.ttl.String(), "-prefix", prefix, "-log-level", "warn")
+		"-ttl", c.ttlOf(id).String(), "-prefix", c.prefix, "-log-level", "warn")
+	p.cmd.Args = append(p.cmd.Args, c.args...)
 	stdout, err := p.cmd.StdoutPipe()
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	p.cmd.Stderr = logWriter{t: t, logger: testutil.Logger(t).Named(id)}
 	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	started := make(chan struct{})
 	go func() {
@@ -121,17 +165,31 @@ func (c *cluster) start(id string) *proc {
 	select {
 	case <-started:
 	case <-p.exited:
-		t.Fatalf("node %s exited at start", id)
+		return nil, fmt.Errorf("node %s exited at start", id)
 	case <-time.After(30 * time.Second):
-		t.Fatalf("node %s did not start", id)
+		p.ended.Store(true)
+		p.cmd.Process.Kill()
+		return nil, fmt.Errorf("node %s did not start", id)
 	}
 	c.nodes[id] = p
-	return p
+	return p, nil
+}
+
+// crashed reports whether p exited without the test killing or stopping
+// it: its intervals were then never closed, and the run cannot go on.
+func (p *proc) crashed() bool {
+	select {
+	case <-p.exited:
+		return !p.ended.Load()
+	default:
+		return false
+	}
 }
 
 // stop ends the process gracefully if it still runs (SIGCONT first, in
 // case it is paused), then by SIGKILL.
 func (p *proc) stop() {
+	p.ended.Store(true)
 	select {
 	case <-p.exited:
 	default:
@@ -150,6 +208,7 @@ func (p *proc) stop() {
 // kill is a crash: SIGKILL, stamped on CLOCK_MONOTONIC just before the
 // signal so that no interval of the dead process can end later than this.
 func (c *cluster) kill(p *proc) {
+	p.ended.Store(true)
 	at := monoclock.Now()
 	p.cmd.Process.Kill()
 	<-p.exited
@@ -190,6 +249,19 @@ func (p *proc) partitionFromPeers(cut bool) {
 	} else {
 		p.peer.UnpauseTx()
 		p.peer.UnpauseRx()
+	}
+}
+
+// pauseRx holds everything etcd sends the process (responses, watch
+// events), or releases it; what the process sends still arrives. Its
+// requests are served, and it learns nothing of it.
+func (p *proc) pauseRx(cut bool) {
+	for _, px := range p.proxies {
+		if cut {
+			px.PauseRx()
+		} else {
+			px.UnpauseRx()
+		}
 	}
 }
 

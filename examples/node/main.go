@@ -28,23 +28,24 @@ import (
 
 func main() {
 	var (
-		etcd       = flag.String("etcd", "127.0.0.1:2379", "comma-separated etcd endpoints")
-		listen     = flag.String("listen", "127.0.0.1:7700", "HTTP listen address")
-		advertise  = flag.String("advertise", "", "HTTP address other servers (and workers, without -external) use (default: from -listen)")
-		external   = flag.String("external", "", "HTTP address workers use, when it differs from -advertise (NAT)")
-		id         = flag.String("id", "", "server id (default: hostname-random)")
-		ttl        = flag.Duration("ttl", 5*time.Second, "lease TTL, whole seconds")
-		prefix     = flag.String("prefix", coord.DefaultPrefix, "etcd key prefix")
-		apps       = flag.String("apps", "", "comma-separated app names to register at start")
-		adminToken = flag.String("admin-token", "", "enable /admin/ with this bearer token")
-		logLevel   = flag.String("log-level", "info", "trace, debug, info, warn or error")
+		etcd        = flag.String("etcd", "127.0.0.1:2379", "comma-separated etcd endpoints")
+		listen      = flag.String("listen", "127.0.0.1:7700", "HTTP listen address")
+		advertise   = flag.String("advertise", "", "HTTP address other servers (and workers, without -external) use (default: from -listen)")
+		external    = flag.String("external", "", "HTTP address workers use, when it differs from -advertise (NAT)")
+		id          = flag.String("id", "", "server id (default: hostname-random)")
+		ttl         = flag.Duration("ttl", 5*time.Second, "lease TTL, whole seconds")
+		prefix      = flag.String("prefix", coord.DefaultPrefix, "etcd key prefix")
+		apps        = flag.String("apps", "", "comma-separated app names to register at start")
+		adminToken  = flag.String("admin-token", "", "enable /admin/ with this bearer token")
+		logLevel    = flag.String("log-level", "info", "trace, debug, info, warn or error")
+		pingTimeout = flag.Duration("ping-timeout", 0, "how long a ping of another server may take (0: the elector's default)")
 	)
 	flag.Parse()
 	logger := hclog.New(&hclog.LoggerOptions{Name: "node", Level: hclog.LevelFromString(*logLevel), Output: os.Stderr})
 	if *external != "" && *advertise == "" {
 		*advertise = *listen
 	}
-	if err := run(logger, *etcd, *listen, *advertise, *external, *id, *ttl, *prefix, *apps, *adminToken); err != nil {
+	if err := run(logger, *etcd, *listen, *advertise, *external, *id, *ttl, *pingTimeout, *prefix, *apps, *adminToken); err != nil {
 		logger.Error("node failed", "error", err)
 		os.Exit(1)
 	}
@@ -74,7 +75,7 @@ func emit(e event) {
 	_ = out.Encode(e)
 }
 
-func run(logger hclog.Logger, etcd, listen, advertise, external, id string, ttl time.Duration, prefix, apps, adminToken string) error {
+func run(logger hclog.Logger, etcd, listen, advertise, external, id string, ttl, pingTimeout time.Duration, prefix, apps, adminToken string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -88,6 +89,9 @@ func run(logger hclog.Logger, etcd, listen, advertise, external, id string, ttl 
 	cfg := server.DefaultConfig()
 	cfg.Client, cfg.Prefix, cfg.ServerID, cfg.TTL, cfg.Listen = cli, prefix, id, ttl, listen
 	cfg.AdminToken, cfg.Logger = adminToken, logger
+	if pingTimeout > 0 {
+		cfg.Election.PingTimeout = pingTimeout
+	}
 	if advertise != "" {
 		cfg.Protocols = coord.Protocols{coord.ProtocolHTTP: {Address: advertise, ExternalAddress: external}}
 	}
