@@ -193,6 +193,13 @@ func (s *Session) startLease(ctx context.Context) error {
 		if backoff.Sleep(ctx, s.retryPause()) != nil {
 			return fmt.Errorf("coord: lease callback: %w", last)
 		}
+		// No round keeps the lease alive until it is confirmed: the
+		// retries do (a restarted server can wait here a whole TTL for
+		// its previous process's membership key to expire), and a lease
+		// that expired meanwhile is replaced.
+		if _, err := s.cli.KeepAliveOnce(clientv3.WithRequireLeader(ctx), grant.ID); isLeaseNotFound(err) {
+			return errGaveUp
+		}
 	}
 	return nil
 }
@@ -211,8 +218,9 @@ func (s *Session) establish(ctx context.Context) error {
 	}
 }
 
-// errGaveUp: the lease was kept alive but never confirmed, and was given
-// up (see stale).
+// errGaveUp: the lease was given up before it was confirmed — kept alive
+// but never confirmed (see stale), or expired while its OnLease callback
+// was being retried — and a new one is needed.
 var errGaveUp = errors.New("coord: lease given up")
 
 // stale records a round's outcome and reports whether it shows a lease
