@@ -20,6 +20,10 @@ type takeoverQueue struct {
 	signal  chan struct{}    // capacity 1; a value means "look at pending"
 }
 
+// orphanSettle is how long after an owner key's deletion its previous
+// owner is passed over as successor.
+const orphanSettle = time.Second
+
 type orphan struct {
 	prevOwner string
 	since     time.Time // when the deletion was seen
@@ -48,10 +52,21 @@ func (e *Elector) considerTakeover(app int64, prevOwner string) {
 		delete(e.takeover.orphans, app)
 		return
 	}
-	if _, ok := e.takeover.orphans[app]; !ok {
-		e.takeover.orphans[app] = orphan{prevOwner: prevOwner, since: time.Now()}
+	o, ok := e.takeover.orphans[app]
+	if !ok {
+		o = orphan{prevOwner: prevOwner, since: time.Now()}
+		e.takeover.orphans[app] = o
 	}
-	if e.takeover.queued[app] || e.successor(app, prevOwner) != e.cfg.ServerID {
+	// The owner that just left is passed over while its membership key
+	// may still be listed. Past that moment the live set alone decides:
+	// servers can disagree about who the previous owner was (one whose
+	// watch missed an overwrite while it was paused names itself), and
+	// with different exclusions each could leave the app to another.
+	exclude := o.prevOwner
+	if time.Since(o.since) > orphanSettle {
+		exclude = ""
+	}
+	if e.takeover.queued[app] || e.successor(app, exclude) != e.cfg.ServerID {
 		return
 	}
 	e.takeover.queued[app] = true

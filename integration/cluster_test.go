@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"os/exec"
 	"strings"
 	"sync/atomic"
@@ -130,7 +131,7 @@ func (c *cluster) startNode(id string) (*proc, error) {
 	p.front, p.public = front, strings.TrimPrefix(frontURL, "http://")
 	p.cmd = exec.Command(nodeBinary, "-etcd", strings.Join(urls, ","), "-listen", p.addr, "-id", id,
 		"-advertise", strings.TrimPrefix(peerURL, "http://"), "-external", p.public,
-		"-ttl", c.ttlOf(id).String(), "-prefix", c.prefix, "-log-level", "warn")
+		"-ttl", c.ttlOf(id).String(), "-prefix", c.prefix, "-log-level", nodeLogLevel())
 	p.cmd.Args = append(p.cmd.Args, c.args...)
 	stdout, err := p.cmd.StdoutPipe()
 	if err != nil {
@@ -344,4 +345,13 @@ func (w logWriter) Write(b []byte) (int, error) {
 		w.logger.Info(line)
 	}
 	return len(b), nil
+}
+
+// nodeLogLevel is the server processes' log level: warn, or
+// BATON_NODE_LOG (info, debug) to diagnose a failing random run.
+func nodeLogLevel() string {
+	if v := os.Getenv("BATON_NODE_LOG"); v != "" {
+		return v
+	}
+	return "warn"
 }
