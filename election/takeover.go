@@ -21,8 +21,13 @@ type takeoverQueue struct {
 }
 
 // orphanSettle is how long after an owner key's deletion its previous
-// owner is passed over as successor.
-const orphanSettle = time.Second
+// owner is passed over as successor; orphanAnyone is how long the
+// successor has before every server that knows of the orphan elects
+// itself for it.
+const (
+	orphanSettle = time.Second
+	orphanAnyone = 2 * time.Second
+)
 
 type orphan struct {
 	prevOwner string
@@ -66,7 +71,12 @@ func (e *Elector) considerTakeover(app int64, prevOwner string) {
 	if time.Since(o.since) > orphanSettle {
 		exclude = ""
 	}
-	if e.takeover.queued[app] || e.successor(app, exclude) != e.cfg.ServerID {
+	// An orphan still unowned after orphanAnyone is taken by whoever
+	// knows of it: its successor may be a server that started after the
+	// deletion and so never saw it (a server learns of orphans only from
+	// deletions). Concurrent elections of one app are safe: one wins.
+	anyone := time.Since(o.since) > orphanAnyone
+	if e.takeover.queued[app] || !anyone && e.successor(app, exclude) != e.cfg.ServerID {
 		return
 	}
 	e.takeover.queued[app] = true
