@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"go.uber.org/goleak"
+
+	"github.com/batonhq/baton/internal/testutil"
 )
 
 // nodeBinary is examples/node, built once per test run, so that servers
@@ -35,7 +37,7 @@ func TestMain(m *testing.M) {
 		code = m.Run()
 	}()
 	if code == 0 {
-		if err := goleak.Find(); err != nil {
+		if err := goleak.Find(testutil.IgnoreHardStoppedEtcd); err != nil {
 			fmt.Fprintln(os.Stderr, "goleak:", err)
 			code = 1
 		}
