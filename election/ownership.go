@@ -116,16 +116,6 @@ func epochReason(err error) Reason {
 	}
 }
 
-// suspend ends the acting part of an ownership because the guard fired,
-// but keeps the claim: if the key is unchanged when confirmations resume,
-// reclaim makes it active again with the same token. Called with e.mu
-// held.
-func (e *Elector) suspend(o *ownership) {
-	if o.active {
-		e.deactivate(o, ReasonLeaseUnconfirmed)
-	}
-}
-
 // lose ends an ownership for good. Called with e.mu held.
 func (e *Elector) lose(o *ownership, reason Reason) {
 	if o.ended {
