@@ -154,9 +154,9 @@ func TestEtcdFollowerLoss(t *testing.T) {
 
 // TestOwnerPartitionedFromOtherServers: the owner stays in etcd but the
 // other servers cannot ping it. A worker that asks another server gets
-// that server elected over the live key; the new owner starts acting only
-// the old owner's TTL later, and the old owner, which sees the overwrite
-// through its watch, stops first.
+// that server elected over the live key, with a displacement marker; the
+// old owner, which sees the overwrite through its watch, stops and
+// deletes the marker, and only then does the new owner act.
 func TestOwnerPartitionedFromOtherServers(t *testing.T) {
 	c, ps, apps := setup(t)
 	ps[0].partitionFromPeers(true)
@@ -172,7 +172,7 @@ func TestOwnerPartitionedFromOtherServers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("n2 acting for every app %v after the first request (takeover waits n1's TTL %v)", took, ttl)
+	t.Logf("n2 acting for every app %v after the last answer (n1 still reaches etcd and deletes its markers; TTL %v)", took, ttl)
 	waitEnds(t, c, "n1")
 	ps[0].partitionFromPeers(false)
 	c.assertVerdict()
