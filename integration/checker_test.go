@@ -16,6 +16,7 @@ type nodeEvent struct {
 	App    int64  `json:"app"`
 	Token  int64  `json:"token"`
 	Reason string `json:"reason"`
+	Seq    int64  `json:"seq"` // pairs an end with its acquire
 	Addr   string `json:"addr"`
 	MonoNs int64  `json:"monoNs"`
 }
@@ -35,7 +36,7 @@ type interval struct {
 // an app strictly increase from one server's ownership to the next.
 type checker struct {
 	mu        sync.Mutex
-	open      map[string]*interval // server/app/token → open interval
+	open      map[string]*interval // server/app/token/seq → open interval
 	intervals []*interval
 	changed   chan struct{}
 }
@@ -44,7 +45,10 @@ func newChecker() *checker {
 	return &checker{open: map[string]*interval{}, changed: make(chan struct{})}
 }
 
-func key(server string, app, token int64) string { return fmt.Sprintf("%s/%d/%d", server, app, token) }
+// key names one acquisition: a server can acquire the same token again
+// (after its guard resumed) before the end of the previous interval has
+// arrived, so the acquisition's sequence number is part of the key.
+func key(e nodeEvent) string { return fmt.Sprintf("%s/%d/%d/%d", e.Server, e.App, e.Token, e.Seq) }
 
 func (c *checker) add(e nodeEvent) {
 	c.mu.Lock()
@@ -52,12 +56,12 @@ func (c *checker) add(e nodeEvent) {
 	switch e.Event {
 	case "acquire":
 		iv := &interval{server: e.Server, app: e.App, token: e.Token, start: e.MonoNs}
-		c.open[key(e.Server, e.App, e.Token)] = iv
+		c.open[key(e)] = iv
 		c.intervals = append(c.intervals, iv)
 	case "end":
-		if iv := c.open[key(e.Server, e.App, e.Token)]; iv != nil {
+		if iv := c.open[key(e)]; iv != nil {
 			iv.end = e.MonoNs
-			delete(c.open, key(e.Server, e.App, e.Token))
+			delete(c.open, key(e))
 		}
 	default:
 		return

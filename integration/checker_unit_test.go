@@ -27,6 +27,17 @@ func TestCheckerFindsOverlapsAndTokenRegressions(t *testing.T) {
 			{Event: "end", Server: "a", App: 1, Token: 9, MonoNs: 120},
 			{Event: "acquire", Server: "b", App: 1, Token: 9, MonoNs: 150},
 		}, "follows"},
+		// A resumed server acquires token 5 again before the end of its
+		// first interval with that token has been printed; then b takes
+		// over. Matching ends by token alone left the first interval open
+		// and reported a false overlap with b.
+		"same token again, ends printed late": {[]nodeEvent{
+			{Event: "acquire", Server: "a", App: 1, Token: 5, Seq: 1, MonoNs: 100},
+			{Event: "acquire", Server: "a", App: 1, Token: 5, Seq: 2, MonoNs: 130},
+			{Event: "end", Server: "a", App: 1, Token: 5, Seq: 1, MonoNs: 120},
+			{Event: "end", Server: "a", App: 1, Token: 5, Seq: 2, MonoNs: 140},
+			{Event: "acquire", Server: "b", App: 1, Token: 9, Seq: 1, MonoNs: 150},
+		}, ""},
 		"clean handover": {[]nodeEvent{
 			{Event: "acquire", Server: "a", App: 1, Token: 5, MonoNs: 100},
 			{Event: "end", Server: "a", App: 1, Token: 5, MonoNs: 120},

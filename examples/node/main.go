@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -61,7 +62,10 @@ type event struct {
 	App    int64  `json:"app,omitempty"`
 	Token  int64  `json:"token,omitempty"`
 	Reason string `json:"reason,omitempty"`
-	Addr   string `json:"addr,omitempty"`
+	// Seq numbers this process's acquisitions; an "end" carries the Seq
+	// of the "acquire" it ends.
+	Seq  int64  `json:"seq,omitempty"`
+	Addr string `json:"addr,omitempty"`
 	// MonoNs is CLOCK_MONOTONIC, comparable across processes on one
 	// machine: for "end" it is the instant the ownership's context was
 	// cancelled, taken before anything else happened.
@@ -97,13 +101,18 @@ func run(logger hclog.Logger, etcd, listen, advertise, external, id string, ttl,
 	}
 	var node *server.Node
 	var ends sync.WaitGroup
+	var acquisitions atomic.Int64
 	cfg.Callbacks = election.Callbacks{
 		OnAcquire: func(octx context.Context, app, token int64) {
-			emit(event{Event: "acquire", Server: node.ID(), App: app, Token: token, MonoNs: monoclock.Now(), Time: time.Now()})
+			// The same token can be acquired again (after the guard
+			// resumed) before the end of its previous interval has been
+			// printed: the sequence number pairs each end with its acquire.
+			seq := acquisitions.Add(1)
+			emit(event{Event: "acquire", Server: node.ID(), App: app, Token: token, Seq: seq, MonoNs: monoclock.Now(), Time: time.Now()})
 			ends.Go(func() {
 				<-octx.Done()
 				at, _ := election.EndedAt(octx)
-				emit(event{Event: "end", Server: node.ID(), App: app, Token: token, MonoNs: monoclock.Of(at), Time: at})
+				emit(event{Event: "end", Server: node.ID(), App: app, Token: token, Seq: seq, MonoNs: monoclock.Of(at), Time: at})
 			})
 		},
 		OnLose: func(app, token int64, why election.Reason) {
