@@ -106,20 +106,34 @@ func (d *Discovery) Start(ctx context.Context) error {
 	d.started = true
 	d.mu.Unlock()
 
+	if d.cfg.AllowLazyConnect {
+		// Nothing to wait for: the first round runs in the background,
+		// however long unreachable servers take to time out.
+		return d.goRun(func() { d.run(d.initialState(d.ctx)) })
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	defer context.AfterFunc(d.ctx, cancel)()
 
 	st := d.initialState(ctx)
-	if !d.cfg.AllowLazyConnect {
-		if st.err != nil {
-			return st.err
-		}
-		if _, found := d.Current(); !found {
-			return fmt.Errorf("%w for app %q (asked %v)", ErrNoServer, d.cfg.AppName, d.servers)
-		}
+	if st.err != nil {
+		return st.err
 	}
-	d.wg.Go(func() { d.run(st) })
+	if _, found := d.Current(); !found {
+		return fmt.Errorf("%w for app %q (asked %v)", ErrNoServer, d.cfg.AppName, d.servers)
+	}
+	return d.goRun(func() { d.run(st) })
+}
+
+// goRun starts the discovery goroutine unless Close has begun (it may run
+// while Start was resolving): Close then waits for it, or it never starts.
+func (d *Discovery) goRun(f func()) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return errors.New("worker: closed while starting")
+	}
+	d.wg.Go(f)
 	return nil
 }
 

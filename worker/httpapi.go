@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -62,6 +63,11 @@ func (a *httpAPI) get(ctx context.Context, server, path string, q url.Values, ou
 		return fmt.Errorf("worker: %s%s answered %s with no ResultDTO: %w", server, path, resp.Status, err)
 	}
 	if !env.Success {
+		if strings.Contains(env.Message, "not ready") {
+			// The server's guard is unconfirmed for a moment (baton's
+			// ErrNotReady): worth asking again, unlike a refusal.
+			return fmt.Errorf("worker: %s%s: %s", server, path, env.Message)
+		}
 		return fmt.Errorf("%w: %s%s: %s", errRefused, server, path, env.Message)
 	}
 	if err := json.Unmarshal(env.Data, out); err != nil {

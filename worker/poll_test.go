@@ -3,9 +3,11 @@ package worker_test
 import (
 	"context"
 	"errors"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -245,4 +247,52 @@ func TestAnHTTPAnswerNeverOverridesEtcdWhileWatching(t *testing.T) {
 			return
 		}
 	}
+}
+
+// A lazy Start returns at once, even when every configured server hangs
+// (the first round runs in the background), and Close right after it
+// leaves nothing running.
+func TestLazyStartDoesNotWaitForAHangingServer(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var conns []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := l.Accept() // accepts, never answers
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	cfg := worker.DefaultConfig()
+	cfg.AppName = "orders"
+	cfg.Servers = []string{l.Addr().String()}
+	cfg.AllowLazyConnect = true
+	cfg.Logger = testutil.Logger(t)
+	d, err := worker.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := d.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("lazy Start took %v with a hanging server; the round should run in the background", took)
+	}
+	d.Close()
 }
