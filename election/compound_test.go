@@ -24,11 +24,12 @@ import (
 
 // TestDisplacerCrashDuringTakeoverWaitDoesNotLetTheSuccessorOverlap: a
 // (TTL 3 s) is cut off from etcd and stops answering pings; b (TTL 1 s)
-// overwrites a's live key and starts waiting out a's TTL — and then b
-// goes away inside that wait. b's key disappears with b's lease, c (the
-// app's successor) sees a deletion and acts at once, while a may still
-// act until its guard fires. The obligation to wait a's TTL out must not
-// live only in b's memory (DESIGN.md: displacement markers).
+// overwrites a's live key and must wait until a has stopped — and then b
+// goes away inside that wait. b's key disappears with b's lease and c
+// (the app's successor) sees a deletion, while a may still act until its
+// guard fires. The obligation to wait for a must not live only in b's
+// memory: the displacement marker bound to a's lease holds c back too
+// (before markers: 1.2–2.2 s of overlap).
 func TestDisplacerCrashDuringTakeoverWaitDoesNotLetTheSuccessorOverlap(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
@@ -112,10 +113,11 @@ func TestDisplacerCrashDuringTakeoverWaitDoesNotLetTheSuccessorOverlap(t *testin
 
 // TestLostTxnResponseDoesNotSkipTheTakeoverWait: a (TTL 2 s) hangs — cut
 // off from etcd, not answering pings. b overwrites a's live key, but the
-// response to b's election Txn never reaches b. b must still wait a's TTL
-// out before acting: it learns that it owns the app from a later read
-// (its retry, or its watch's reload), which must not be taken as "no
-// wait needed".
+// response to b's election Txn never reaches b. b must still wait until a
+// has stopped (its marker goes with a's lease): it learns that it owns
+// the app from a later read (its retry, or its watch's reload), which
+// must not be taken as "no wait needed" (before markers: 0.9–1.6 s of
+// overlap).
 func TestLostTxnResponseDoesNotSkipTheTakeoverWait(t *testing.T) {
 	for _, tc := range []struct {
 		name string
