@@ -87,17 +87,7 @@ func TestDisplacerCrashDuringTakeoverWaitDoesNotLetTheSuccessorOverlap(t *testin
 			tc.gone(t, c, b)
 			gone := time.Now()
 
-			// Wait for both: c acting, and a's guard firing.
-			if !c.rec.wait(10*time.Second, func(ev []event) bool {
-				_, cActs := acquiredBy(ev, "c", app, cut)
-				_, aStopped := lastCancel(ev, "a", app)
-				return cActs && aStopped
-			}) {
-				t.Fatalf("c never acted, or a never stopped: %v", c.rec.owners())
-			}
-			events := c.rec.snapshot()
-			cStart, _ := acquiredBy(events, "c", app, cut)
-			aEnd, _ := lastCancel(events, "a", app)
+			cStart, aEnd := takenOverAfter(t, c, "c", "a", app, cut)
 			t.Logf("a cut off at 0; b overwrote a's key at %v, went away at %v; c acted at %v; a acted until %v (a's TTL %v)",
 				overwrote.Sub(cut).Round(time.Millisecond), gone.Sub(cut).Round(time.Millisecond),
 				cStart.Sub(cut).Round(time.Millisecond), aEnd.Sub(cut).Round(time.Millisecond), a.session.TTL())
@@ -202,22 +192,13 @@ func TestLostTxnResponseDoesNotSkipTheTakeoverWait(t *testing.T) {
 			tc.lose(t, b, cancelElect)
 			healed := time.Now()
 
-			if !c.rec.wait(10*time.Second, func(ev []event) bool {
-				_, bActs := acquiredBy(ev, "b", app, cut)
-				_, aStopped := lastCancel(ev, "a", app)
-				return bActs && aStopped
-			}) {
-				t.Fatalf("b never acted, or a never stopped: %v", c.rec.owners())
-			}
+			bStart, aEnd := takenOverAfter(t, c, "b", "a", app, cut)
 			select {
 			case err := <-elected:
 				t.Logf("b's Elect: %v", err)
 			case <-time.After(5 * time.Second):
 				t.Error("b's Elect has not returned")
 			}
-			events := c.rec.snapshot()
-			bStart, _ := acquiredBy(events, "b", app, cut)
-			aEnd, _ := lastCancel(events, "a", app)
 			t.Logf("a cut off at 0; b's Txn applied by %v, fault over at %v; b acted at %v; a acted until %v (a's TTL %v)",
 				overwrote.Sub(cut).Round(time.Millisecond), healed.Sub(cut).Round(time.Millisecond),
 				bStart.Sub(cut).Round(time.Millisecond), aEnd.Sub(cut).Round(time.Millisecond), a.session.TTL())
@@ -410,4 +391,22 @@ func TestEndedAtIsSetWhenClosedWithAnEndedContext(t *testing.T) {
 			c.rec.expectClean(t)
 		})
 	}
+}
+
+// takenOverAfter waits until server to has acted for app since the
+// instant since and server from has stopped, and returns when to started
+// and when from stopped.
+func takenOverAfter(t *testing.T, c *cluster, to, from string, app int64, since time.Time) (start, end time.Time) {
+	t.Helper()
+	if !c.rec.wait(10*time.Second, func(ev []event) bool {
+		_, acts := acquiredBy(ev, to, app, since)
+		_, stopped := lastCancel(ev, from, app)
+		return acts && stopped
+	}) {
+		t.Fatalf("%s never acted, or %s never stopped: %v", to, from, c.rec.owners())
+	}
+	events := c.rec.snapshot()
+	start, _ = acquiredBy(events, to, app, since)
+	end, _ = lastCancel(events, from, app)
+	return start, end
 }

@@ -169,6 +169,34 @@ func (l *markerLog) snapshot() []markerEvent {
 	return slices.Clone(l.events)
 }
 
+// waitDeleted waits until the log shows a marker's deletion: the test's
+// watch can see it a moment after a server's.
+func (l *markerLog) waitDeleted(t *testing.T) {
+	t.Helper()
+	testutil.Eventually(t, 5*time.Second, "the marker's deletion to reach the test's watch", func() bool {
+		_, ok := l.lastDelete()
+		return ok
+	})
+}
+
+// displaceCutOffOwner cuts a off from etcd and from pings (until the test
+// ends) and has b elect itself for app over a's live key; it returns when
+// the election began.
+func displaceCutOffOwner(t *testing.T, c *cluster, a, b *node, app int64) time.Time {
+	t.Helper()
+	c.pinger.setDown(a.addr, true)
+	a.proxy.PauseTx()
+	a.proxy.PauseRx()
+	t.Cleanup(func() { a.proxy.UnpauseTx(); a.proxy.UnpauseRx() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	if addr, err := b.el.Elect(ctx, app, coord.ProtocolHTTP, a.addr); err != nil || addr != b.addr {
+		t.Fatalf("Elect on b = %q, %v; want b's address", addr, err)
+	}
+	return start
+}
+
 // lastDelete is when the last marker delete was seen, if any.
 func (l *markerLog) lastDelete() (time.Time, bool) {
 	var at time.Time
@@ -229,10 +257,7 @@ func TestTakeoverFromALiveOwnerWaitsForItsMarkerToGo(t *testing.T) {
 	}
 	// The marker was written bound to a's lease and deleted (by a) before
 	// b acted.
-	testutil.Eventually(t, 5*time.Second, "the marker's deletion to reach the test's watch", func() bool {
-		_, ok := markers.lastDelete()
-		return ok
-	})
+	markers.waitDeleted(t)
 	ml := markers.snapshot()
 	if len(ml) != 2 || !ml[0].put || ml[1].put || ml[0].lease != int64(a.session.Lease()) {
 		t.Fatalf("marker events %+v; want one put bound to a's lease %x, then its delete", ml, a.session.Lease())
@@ -257,16 +282,7 @@ func TestTakeoverFromACutOffOwnerWaitsForItsLeaseToEnd(t *testing.T) {
 	electAll(t, c, a, []int64{app})
 	markers := watchMarkers(t, c)
 
-	c.pinger.setDown(a.addr, true)
-	a.proxy.PauseTx()
-	a.proxy.PauseRx()
-	defer func() { a.proxy.UnpauseTx(); a.proxy.UnpauseRx() }()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	start := time.Now()
-	if addr, err := b.el.Elect(ctx, app, coord.ProtocolHTTP, a.addr); err != nil || addr != b.addr {
-		t.Fatalf("Elect on b = %q, %v; want b's address", addr, err)
-	}
+	start := displaceCutOffOwner(t, c, a, b, app)
 	if !c.rec.wait(4*c.ttl, func(ev []event) bool { _, ok := acquiredBy(ev, "b", app, start); return ok }) {
 		t.Fatal("b never acquired")
 	}
@@ -274,10 +290,7 @@ func TestTakeoverFromACutOffOwnerWaitsForItsLeaseToEnd(t *testing.T) {
 	// The marker went with a's lease (b's and the test's watches see the
 	// delete at slightly different instants, so only its existence and
 	// the intervals are compared).
-	testutil.Eventually(t, 5*time.Second, "the marker's deletion to reach the test's watch", func() bool {
-		_, ok := markers.lastDelete()
-		return ok
-	})
+	markers.waitDeleted(t)
 	gone, _ := markers.lastDelete()
 	if wait := acq.Sub(start); wait < c.ttl/2 {
 		t.Errorf("b acted %v after overwriting a cut-off owner's key; a's lease (TTL %v) cannot have ended yet", wait, c.ttl)
@@ -332,19 +345,12 @@ func TestHandOverWhileDisplacedLeavesTheNextOwnerWaitingForTheMarker(t *testing.
 	electAll(t, c, a, []int64{app})
 	markers := watchMarkers(t, c)
 
-	c.pinger.setDown(a.addr, true)
-	a.proxy.PauseTx()
-	a.proxy.PauseRx()
-	defer func() { a.proxy.UnpauseTx(); a.proxy.UnpauseRx() }()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	start := time.Now()
-	if addr, err := b.el.Elect(ctx, app, coord.ProtocolHTTP, a.addr); err != nil || addr != b.addr {
-		t.Fatalf("Elect on b = %q, %v; want b's address", addr, err)
-	}
+	start := displaceCutOffOwner(t, c, a, b, app)
 	if _, acting := b.el.Token(app); acting {
 		t.Fatal("b acts while a's marker exists")
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
 	to, err := b.el.HandOver(ctx, app)
 	if err != nil {
 		t.Fatal(err)
@@ -356,10 +362,7 @@ func TestHandOverWhileDisplacedLeavesTheNextOwnerWaitingForTheMarker(t *testing.
 	if acq.Sub(start) < c.ttl/2 {
 		t.Errorf("%s acted %v after b overwrote the cut-off owner's key, whose lease (TTL %v) cannot have ended yet", to, acq.Sub(start), c.ttl)
 	}
-	testutil.Eventually(t, 5*time.Second, "the marker's deletion to reach the test's watch", func() bool {
-		_, ok := markers.lastDelete()
-		return ok
-	})
+	markers.waitDeleted(t)
 	c.rec.expectClean(t)
 }
 

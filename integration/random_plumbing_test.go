@@ -7,21 +7,6 @@ import (
 	"time"
 )
 
-// pause waits d — a fault's duration or its offset, never a condition.
-func pause(ctx context.Context, d time.Duration) error {
-	if d <= 0 {
-		return ctx.Err()
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
 // between is a random duration in [lo, hi).
 func between(rng *rand.Rand, lo, hi time.Duration) time.Duration {
 	if hi <= lo {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/backoff"
 	"github.com/batonhq/baton/internal/monoclock"
 )
 
@@ -36,7 +37,7 @@ func (g *group) single(ctx context.Context) (outcome, error) {
 		heal = func() error { p.partition(false); return nil }
 	}
 	o.what += fmt.Sprintf(" (TTL %v), held %v", ttl, hold.Round(time.Millisecond))
-	err := pause(ctx, hold)
+	err := backoff.Sleep(ctx, hold)
 	if herr := heal(); herr != nil {
 		return o, herr
 	}
@@ -197,13 +198,13 @@ func (g *group) takeoverThenFault(ctx context.Context) (outcome, error) {
 	offset := between(g.rng, 0, ttlA-time.Since(hungAt))
 	hold := between(g.rng, 200*time.Millisecond, g.c.ttlOf(b.id))
 	o.what = fmt.Sprintf("%s (TTL %v, %d apps), %s (TTL %v) %s", hung, ttlA, len(apps), b.id, g.c.ttlOf(b.id), took)
-	if err := pause(ctx, offset); err != nil {
+	if err := backoff.Sleep(ctx, offset); err != nil {
 		healA()
 		return o, err
 	}
 	faulted, healB := g.fault(b)
 	o.what += fmt.Sprintf(", +%v %s, held %v", offset.Round(time.Millisecond), faulted, hold.Round(time.Millisecond))
-	err := pause(ctx, hold)
+	err := backoff.Sleep(ctx, hold)
 	var herr error
 	if g.rng.IntN(2) == 0 {
 		herr = healB()
@@ -237,12 +238,12 @@ func (g *group) takeoverLostResponse(ctx context.Context) (outcome, error) {
 	var asked sync.WaitGroup
 	names := g.names()
 	asked.Go(func() { acquireAll(g.c, b, apps, names) })
-	err := pause(ctx, offset)
+	err := backoff.Sleep(ctx, offset)
 	b.pauseRx(true)
 	o.what = fmt.Sprintf("%s (TTL %v), %s asked for %d apps, its etcd answers held from +%v for %v (TTL %v)",
 		hung, g.c.ttlOf(a.id), b.id, len(apps), offset.Round(time.Millisecond), hold.Round(time.Millisecond), g.c.ttlOf(b.id))
 	if err == nil {
-		err = pause(ctx, hold)
+		err = backoff.Sleep(ctx, hold)
 	}
 	if g.rng.IntN(2) == 0 {
 		b.pauseRx(false)
@@ -286,10 +287,10 @@ func (g *group) futureOwner(ctx context.Context) (outcome, error) {
 	if g.rng.IntN(2) == 0 {
 		offset := between(g.rng, 0, randomPing+300*time.Millisecond)
 		hold := between(g.rng, 200*time.Millisecond, g.c.ttlOf(first.id))
-		err = pause(ctx, offset)
+		err = backoff.Sleep(ctx, offset)
 		faulted, heal := g.fault(first)
 		if err == nil {
-			err = pause(ctx, hold)
+			err = backoff.Sleep(ctx, hold)
 		}
 		err = errors.Join(err, heal())
 		o.what += fmt.Sprintf(", +%v %s for %v", offset.Round(time.Millisecond), faulted, hold.Round(time.Millisecond))
@@ -298,7 +299,7 @@ func (g *group) futureOwner(ctx context.Context) (outcome, error) {
 	asked.Go(func() { acquireAll(g.c, second, []int64{app.ID}, names) })
 	o.what += ", " + second.id + " asked"
 	if err == nil {
-		err = pause(ctx, keep-time.Since(kept))
+		err = backoff.Sleep(ctx, keep-time.Since(kept))
 	}
 	revoke := g.rng.IntN(2) == 0
 	end, gone := f.end(revoke)
@@ -306,7 +307,7 @@ func (g *group) futureOwner(ctx context.Context) (outcome, error) {
 	// that keepalive was sent), the v2 server may still act: that is
 	// part of this step, and its verdict must see who acted meanwhile.
 	if err == nil {
-		err = pause(ctx, time.Duration(end-monoclock.Now()))
+		err = backoff.Sleep(ctx, time.Duration(end-monoclock.Now()))
 	}
 	if revoke {
 		o.what += fmt.Sprintf(", lease revoked after %v", time.Since(kept).Round(time.Millisecond))

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/backoff"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
@@ -223,7 +224,7 @@ func (r *randomRun) coordinate(ctx context.Context) error {
 		if err := r.bar.wait(ctx, nil); err != nil { // takeovers set up
 			return err
 		}
-		if err := pause(ctx, between(r.rng, 0, 200*time.Millisecond)); err != nil {
+		if err := backoff.Sleep(ctx, between(r.rng, 0, 200*time.Millisecond)); err != nil {
 			return err
 		}
 		if err := r.etcdFault(ctx); err != nil {
@@ -265,7 +266,7 @@ func (r *randomRun) etcdFault(ctx context.Context) error {
 		return err
 	}
 	took := time.Since(stopped)
-	err = pause(ctx, hold)
+	err = backoff.Sleep(ctx, hold)
 	// Restart even when the run is being cancelled: the nodes must be
 	// able to drain.
 	rctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
