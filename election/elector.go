@@ -317,7 +317,7 @@ func (e *Elector) reload(ctx context.Context) (int64, error) {
 		}
 	}
 	e.rev = max(e.rev, resp.Header.Revision)
-	e.settle()
+	e.settle(nil)
 	e.mu.Unlock()
 	e.session.WatchCaughtUp(resp.Header.Revision)
 	return resp.Header.Revision, nil
@@ -342,8 +342,10 @@ func (e *Elector) observe(events []*clientv3.Event) {
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	touched := make(map[int64]bool, len(events))
 	for _, ev := range events {
 		if app, lease, err := e.keys.ParseDisplacedMarker(string(ev.Kv.Key)); err == nil {
+			touched[app] = true
 			if ev.Type == clientv3.EventTypePut {
 				e.markerPut(app, clientv3.LeaseID(lease), ev.Kv.ModRevision)
 			} else {
@@ -355,6 +357,7 @@ func (e *Elector) observe(events []*clientv3.Event) {
 		if err != nil {
 			continue // neither an owner key nor a marker (bad input under the prefix)
 		}
+		touched[app] = true
 		switch ev.Type {
 		case clientv3.EventTypePut:
 			e.put(app, e.decodeOwner(app, ev.Kv.Value, ev.Kv.ModRevision, ev.Kv.Lease))
@@ -369,17 +372,25 @@ func (e *Elector) observe(events []*clientv3.Event) {
 		}
 	}
 	e.rev = max(e.rev, events[len(events)-1].Kv.ModRevision)
-	e.settle()
+	e.settle(touched)
 }
 
-// settle runs after a batch of table changes: pending ownerships that may
+// settle runs after a batch of table changes to the apps in touched (nil:
+// any app, after a reload or at a new epoch): pending ownerships that may
 // now act start acting, markers of this server's ended ownerships are
-// queued for deletion, and waiters are told. Called with e.mu held.
-func (e *Elector) settle() {
-	for _, o := range e.mine {
-		e.tryActivate(o)
+// queued for deletion, and waiters are told. A batch costs in proportion
+// to the apps it touched, not to all this server holds. Called with e.mu
+// held.
+func (e *Elector) settle(touched map[int64]bool) {
+	if touched == nil {
+		for _, o := range e.mine {
+			e.tryActivate(o)
+		}
 	}
-	e.queueOwnMarkers()
+	for app := range touched {
+		e.tryActivate(e.mine[app])
+	}
+	e.queueOwnMarkers(touched)
 	e.tableChangedLocked()
 }
 
@@ -510,7 +521,7 @@ func (e *Elector) reclaim() {
 			e.own(app, k.modRev, k.lease)
 		}
 	}
-	e.settle()
+	e.settle(nil)
 }
 
 // Close hands every owned app to its successor and waits (until ctx ends)

@@ -45,15 +45,19 @@ func (e *Elector) markerGone(app int64, lease clientv3.LeaseID) {
 	}
 }
 
-// queueOwnMarkers queues for deletion every marker in the table that is
-// bound to this server's lease. Such a marker was written in the same Txn
-// as an overwrite of this server's owner key; the table holds that
-// overwrite too, so the ownership it ended has been lost and its context
-// cancelled before this runs. Called with e.mu held, after a batch.
-func (e *Elector) queueOwnMarkers() {
+// queueOwnMarkers queues for deletion every marker of the apps in touched
+// (nil: of any app) that is bound to this server's lease. Such a marker
+// was written in the same Txn as an overwrite of this server's owner key;
+// the table holds that overwrite too, so the ownership it ended has been
+// lost and its context cancelled before this runs. Called with e.mu held,
+// after a batch.
+func (e *Elector) queueOwnMarkers(touched map[int64]bool) {
 	lease := e.session.Lease()
 	queued := false
 	for app, leases := range e.markers {
+		if touched != nil && !touched[app] {
+			continue
+		}
 		rev, ok := leases[lease]
 		if !ok || e.ownMarkers[app][lease] == rev {
 			continue
