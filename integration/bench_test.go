@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"net/http"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -240,9 +241,14 @@ type fleetConfig struct {
 	// send buffer). Shared instead gives them all one client. With
 	// neither, workers poll with PowerJob's defaults (10 s interval, 1 s
 	// timeout, 3 tries).
-	Etcd    *coord.Embedded
-	Shared  *clientv3.Client
+	Etcd   *coord.Embedded
+	Shared *clientv3.Client
+	// Clients, if set, are shared round-robin: worker i uses
+	// Clients[i%len(Clients)].
+	Clients []*clientv3.Client
 	Servers []string
+	// HTTPClient, if set, sends every worker's requests.
+	HTTPClient *http.Client
 	// Stagger starts each worker at a random moment over one polling
 	// interval, as real workers start at different times: their rounds
 	// then fall at uniformly spread phases instead of in lockstep.
@@ -266,6 +272,10 @@ func startFleet(b *testing.B, fc fleetConfig) *fleet {
 			time.Sleep(delay)
 			cfg := worker.DefaultConfig()
 			cfg.AppName, cfg.Prefix, cfg.Client, cfg.Servers = fc.App(i), prefix, fc.Shared, fc.Servers
+			cfg.HTTPClient = fc.HTTPClient
+			if len(fc.Clients) > 0 {
+				cfg.Client = fc.Clients[i%len(fc.Clients)]
+			}
 			if fc.Etcd != nil {
 				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 				cli, err := fc.Etcd.NewClient(ctx)

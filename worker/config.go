@@ -69,6 +69,14 @@ type Config struct {
 	// notices a silently dead connection only after its keepalive (about
 	// 12 s with coord.ClientConfig); a refused one at once.
 	EtcdGrace time.Duration
+	// Jitter spreads what a fleet of workers does in answer to one event
+	// they all see at once. After the owner key is deleted a worker waits
+	// a random time in [Jitter/2, 3·Jitter/2) before asking the servers
+	// (the successor's put usually arrives first, and then it asks
+	// nobody); after a broken watch it tries to watch again within
+	// Jitter. The servers see about (workers per app)/Jitter requests per
+	// second after an owner dies: raise it with the fleet. Default 100 ms.
+	Jitter time.Duration
 	// AllowLazyConnect lets Start succeed with no server and no app id;
 	// the worker keeps resolving both.
 	AllowLazyConnect bool
@@ -81,7 +89,8 @@ type Config struct {
 	OnIsolated func()
 	// HTTPClient sends the requests; nil means a client of its own.
 	HTTPClient *http.Client
-	// Clock times the rounds; nil means real time.
+	// Clock times everything the worker plans (rounds, retries, pauses);
+	// nil means real time.
 	Clock Clock
 	// Logger receives the worker's logs; nil discards them.
 	Logger hclog.Logger
@@ -101,6 +110,7 @@ func DefaultConfig() Config {
 		TryPause:        100 * time.Millisecond,
 		MaxFailedRounds: 3,
 		EtcdGrace:       3 * time.Second,
+		Jitter:          100 * time.Millisecond,
 	}
 }
 
@@ -133,6 +143,7 @@ func (c Config) withDefaults() (Config, error) {
 		{"RequestTimeout", &c.RequestTimeout, d.RequestTimeout},
 		{"TryPause", &c.TryPause, d.TryPause},
 		{"EtcdGrace", &c.EtcdGrace, d.EtcdGrace},
+		{"Jitter", &c.Jitter, d.Jitter},
 	} {
 		if *f.v == 0 {
 			*f.v = f.def

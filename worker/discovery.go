@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 
 	"github.com/hashicorp/go-hclog"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
 )
@@ -222,12 +223,14 @@ func (d *Discovery) serverFromRecord(rec coord.OwnerRecord, token int64) (Server
 // ownerKeyRead is one read of the app's owner key.
 type ownerKeyRead struct {
 	rev    int64  // the read's revision: watch from rev+1
+	modRev int64  // the key's ModRevision, 0 when there is no key
 	owner  Server // zero when there is no usable owner
-	exists bool
 }
 
+// readOwnerKey reads the app's owner key, linearizably: the answer is at
+// least as new as anything the watch has delivered.
 func (d *Discovery) readOwnerKey(ctx context.Context) (ownerKeyRead, error) {
-	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
+	ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), d.cfg.RequestTimeout)
 	defer cancel()
 	resp, err := d.cfg.Client.Get(ctx, d.keys.Owner(d.AppID()))
 	if err != nil {
@@ -237,7 +240,7 @@ func (d *Discovery) readOwnerKey(ctx context.Context) (ownerKeyRead, error) {
 	if len(resp.Kvs) == 0 {
 		return r, nil
 	}
-	r.exists = true
+	r.modRev = resp.Kvs[0].ModRevision
 	rec, err := coord.DecodeOwnerRecord(resp.Kvs[0].Value)
 	if err != nil {
 		d.logger.Warn("owner key holds a corrupt record", "error", err)
@@ -254,15 +257,9 @@ func (d *Discovery) resolveApp(ctx context.Context, viaEtcd bool) error {
 		return nil
 	}
 	if viaEtcd && d.registry != nil {
-		rctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
-		app, err := d.registry.ByName(rctx, d.cfg.AppName)
-		cancel()
-		if err == nil {
-			d.appID.Store(app.ID)
-			return nil
-		}
-		if errors.Is(err, coord.ErrUnknownApp) {
-			return fmt.Errorf("worker: app %q is not registered: %w", d.cfg.AppName, err)
+		err := d.resolveAppInEtcd(ctx)
+		if err == nil || errors.Is(err, coord.ErrUnknownApp) {
+			return err
 		}
 		d.logger.Debug("etcd did not resolve the app; asking the servers", "error", err)
 	}
@@ -279,4 +276,22 @@ func (d *Discovery) resolveApp(ctx context.Context, viaEtcd bool) error {
 		last = err
 	}
 	return fmt.Errorf("%w: resolve app %q: %v", ErrNoServer, d.cfg.AppName, last)
+}
+
+// resolveAppInEtcd finds the app's id in etcd's registry.
+func (d *Discovery) resolveAppInEtcd(ctx context.Context) error {
+	if d.AppID() != 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
+	defer cancel()
+	app, err := d.registry.ByName(ctx, d.cfg.AppName)
+	if errors.Is(err, coord.ErrUnknownApp) {
+		return fmt.Errorf("worker: app %q is not registered: %w", d.cfg.AppName, err)
+	}
+	if err != nil {
+		return err
+	}
+	d.appID.Store(app.ID)
+	return nil
 }

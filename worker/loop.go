@@ -2,13 +2,17 @@ package worker
 
 import (
 	"context"
+	"errors"
 	"math/rand/v2"
+	"strconv"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/backoff"
 )
 
 // startState is what Start learned and hands to the loop.
@@ -45,89 +49,71 @@ func (d *Discovery) initialState(ctx context.Context) startState {
 	return startState{}
 }
 
-// roundInput is what a discovery round starts from.
-type roundInput struct {
-	current   Server
-	prevOwner string // the owner that just left, not to be asked first
-	useEtcd   bool   // etcd answers: ask the live servers it lists first
+// The loop's retry pauses. Every retry is jittered, so that a fleet of
+// workers hit by one event (an etcd leader loss cancels every watch at
+// once) does not retry in lockstep.
+const (
+	resyncPauseMin = 250 * time.Millisecond // after the first failed attempt to watch again
+	resyncPauseMax = time.Second            // the longest: how soon a worker watches after etcd is back
+)
+
+// loop is the state of the discovery goroutine; only it touches it.
+type loop struct {
+	d *Discovery
+
+	// Watching.
+	watchCh   clientv3.WatchChan // nil while not watching
+	stopWatch context.CancelFunc
+	watchSeq  uint64   // bumped at every new watch: a check of an older one is dropped
+	gen       uint64   // bumped at every change etcd shows: older rounds are stale
+	skipUpTo  int64    // events at or below this revision are in the read that started the watch
+	known     keyState // the owner key as the worker last learned it from etcd
+
+	// Getting back to watching. While etcd fails the worker it keeps its
+	// server and tries to watch again, backing off; only after EtcdGrace
+	// does it poll the servers, PowerJob's way.
+	resyncs      chan resyncOutcome
+	resyncing    bool
+	resyncAt     <-chan time.Time
+	resyncTries  int
+	stream       int       // see watchContext
+	troubleSince time.Time // etcd has failed the worker since; zero while it serves
+	polling      bool      // ask the servers every Interval
+
+	// The periodic re-check of a watch (a cheap read every Interval).
+	checks   chan checkOutcome
+	checking bool
+
+	// Rounds.
+	interval     <-chan time.Time // every Interval: a re-check, or a round while polling
+	rounds       chan roundOutcome
+	roundRunning bool
+	askAt        <-chan time.Time // a round soon, after a jittered pause
+	searching    bool             // etcd shows no usable owner: ask until one appears
+	failed       int              // consecutive rounds without a server
+	reported     string           // the address the last report named
+	reportTries  int              // reports of it in a row: they back off
+	roundAt      <-chan time.Time // a reported round, held back by the backoff
+	reportOK     time.Time        // when the next report may start a round
 }
 
-// round asks servers for the app's owner, in order: with etcd, the live
-// servers ranked for the app (its successor first, the owner that left
-// excluded); without, the current server; then the configured servers.
-// It resolves the app first if that is still to do.
-func (d *Discovery) round(ctx context.Context, in roundInput) (Server, bool) {
-	if err := d.resolveApp(ctx, in.useEtcd); err != nil {
-		d.logger.Debug("round: app not resolved", "error", err)
-		d.metrics.round(false)
-		return Server{}, false
-	}
-	for _, c := range d.candidates(ctx, in) {
-		addr, err := d.api.acquire(ctx, c, d.AppID(), in.current.Address)
-		if err == nil {
-			d.metrics.round(true)
-			return Server{Address: addr}, true
-		}
-		d.logger.Debug("round: server did not answer", "server", c, "error", err)
-		if ctx.Err() != nil {
-			break
-		}
-	}
-	d.metrics.round(false)
-	return Server{}, false
+// keyState is the owner key as of revision rev: modRev 0 means no key.
+type keyState struct{ rev, modRev int64 }
+
+// resyncOutcome is a finished attempt to watch again: a created watch and
+// a read of the key made after it, or an error.
+type resyncOutcome struct {
+	watch  clientv3.WatchChan
+	cancel context.CancelFunc
+	read   ownerKeyRead
+	err    error
 }
 
-func (d *Discovery) candidates(ctx context.Context, in roundInput) []string {
-	var out []string
-	seen := map[string]bool{}
-	add := func(a string) {
-		if a != "" && !seen[a] {
-			seen[a] = true
-			out = append(out, a)
-		}
-	}
-	if in.useEtcd {
-		for _, a := range d.rankedServers(ctx, in.prevOwner) {
-			add(a)
-		}
-	} else {
-		add(in.current.Address)
-	}
-	for _, s := range d.servers {
-		add(s)
-	}
-	return out
-}
-
-// rankedServers lists the live servers' HTTP addresses in the app's
-// successor order, without exclude.
-func (d *Discovery) rankedServers(ctx context.Context, exclude string) []string {
-	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
-	defer cancel()
-	resp, err := d.cfg.Client.Get(ctx, d.keys.ServerPrefix(), clientv3.WithPrefix())
-	if err != nil {
-		return nil
-	}
-	byID := map[string]string{}
-	var ids []string
-	for _, kv := range resp.Kvs {
-		rec, err := coord.DecodeServerRecord(kv.Value)
-		if err != nil || rec.ServerID == exclude {
-			continue
-		}
-		ep := rec.Protocols[coord.ProtocolHTTP]
-		addr := ep.Address
-		if ep.ExternalAddress != "" {
-			addr = ep.ExternalAddress
-		}
-		byID[rec.ServerID] = addr
-		ids = append(ids, rec.ServerID)
-	}
-	var out []string
-	for _, id := range coord.Rank(d.AppID(), ids) {
-		out = append(out, byID[id])
-	}
-	return out
+// checkOutcome is a finished re-check of the watch started as watchSeq.
+type checkOutcome struct {
+	watchSeq uint64
+	read     ownerKeyRead
+	err      error
 }
 
 // roundOutcome is a finished round, tagged with the generation it
@@ -138,73 +124,88 @@ type roundOutcome struct {
 	ok     bool
 }
 
-// loop is the state of the discovery goroutine; only it touches it.
-type loop struct {
-	d            *Discovery
-	watchCh      clientv3.WatchChan // nil while not watching
-	stopWatch    context.CancelFunc
-	gen          uint64           // bumped at every etcd event: older rounds are stale
-	skipUpTo     int64            // events at or below this revision are in the last read
-	askSoon      <-chan time.Time // a round after an owner-key deletion
-	rounds       chan roundOutcome
-	roundRunning bool
-	searching    bool // etcd shows no usable owner: poll until one appears
-	failed       int  // consecutive rounds without a server
-	unhealthy    time.Time
-}
-
 // run is the discovery goroutine.
 func (d *Discovery) run(st startState) {
-	l := &loop{d: d, rounds: make(chan roundOutcome, 1), stopWatch: func() {}}
-	defer func() { l.stopWatch() }()
-	if st.etcdOK && d.AppID() != 0 && !l.resync() {
-		l.startRound()
+	l := &loop{
+		d:         d,
+		rounds:    make(chan roundOutcome, 1),
+		resyncs:   make(chan resyncOutcome, 1),
+		checks:    make(chan checkOutcome, 1),
+		stopWatch: func() {},
 	}
-	timer := d.cfg.Clock.After(d.cfg.Interval)
+	defer func() { l.stopWatch() }()
 	var health <-chan time.Time
+	switch {
+	case d.cfg.Client == nil:
+		l.polling = true
+	case st.etcdOK:
+		l.startResync()
+	default:
+		// Etcd did not answer Start: poll until it does.
+		l.troubleSince, l.polling = d.cfg.Clock.Now(), true
+		l.scheduleResync()
+	}
 	if d.cfg.Client != nil {
 		t := time.NewTicker(max(min(d.cfg.EtcdGrace/3, time.Second), time.Millisecond))
 		defer t.Stop()
 		health = t.C
 	}
+	l.interval = d.cfg.Clock.After(d.cfg.Interval)
 	for {
 		select {
 		case <-d.ctx.Done():
 			return
 		case resp, ok := <-l.watchCh:
 			if !ok || resp.Err() != nil {
-				d.logger.Debug("owner watch broke, reading again", "error", resp.Err())
+				d.logger.Debug("owner watch broke; watching again", "error", resp.Err())
 				l.leaveWatch()
-				if !l.resync() {
-					l.startRound()
-				}
+				l.troubled()
+				l.scheduleResync()
 				continue
 			}
 			l.apply(resp.Events)
+		case out := <-l.resyncs:
+			l.resynced(out)
+		case <-l.resyncAt:
+			l.resyncAt = nil
+			if l.connHealthy() {
+				l.startResync()
+			} else {
+				l.resyncTries++ // not worth a request: try later
+				l.scheduleResync()
+			}
+		case c := <-l.checks:
+			l.checked(c)
 		case out := <-l.rounds:
 			l.finished(out)
-		case <-l.askSoon:
-			l.askSoon = nil
+		case <-l.askAt:
+			l.askAt = nil
 			if l.searching {
 				l.startRound()
 			}
-		case <-timer:
-			timer = d.cfg.Clock.After(d.cfg.Interval)
-			if d.cfg.Client != nil && l.watchCh == nil && l.connHealthy() {
-				l.resyncOrResolve() // lazy start, or etcd back: watch again
-			}
-			if l.watchCh == nil || l.searching {
+		case <-l.interval:
+			l.interval = d.cfg.Clock.After(d.cfg.Interval)
+			l.startCheck()
+			if l.polling || l.searching {
 				l.startRound()
 			}
 		case addr := <-d.reports:
-			if cur, ok := d.Current(); ok && cur.Address == addr {
-				l.startRound()
-			}
+			l.report(addr)
+		case <-l.roundAt:
+			l.roundAt = nil
+			l.startRound()
 		case <-health:
 			l.checkHealth()
-
 		}
 	}
+}
+
+// jittered returns a random pause in [d/2, 3d/2).
+func jittered(d time.Duration) time.Duration {
+	if d <= 1 {
+		return d
+	}
+	return d/2 + rand.N(d)
 }
 
 func (l *loop) leaveWatch() {
@@ -214,64 +215,128 @@ func (l *loop) leaveWatch() {
 	l.d.metrics.setWatching(false)
 }
 
-// resyncOrResolve watches the owner key again, first resolving the app
-// through etcd if that is still to do (an app registered after a lazy
-// Start, or etcd unreachable then).
-func (l *loop) resyncOrResolve() {
-	d := l.d
-	if d.AppID() == 0 {
-		if err := d.resolveApp(d.ctx, true); err != nil {
-			d.logger.Debug("app not resolved yet", "error", err)
-			return
-		}
+// troubled notes that etcd failed the worker, if it had not already.
+func (l *loop) troubled() {
+	if l.troubleSince.IsZero() {
+		l.troubleSince = l.d.cfg.Clock.Now()
 	}
-	l.resync()
 }
 
-// resync starts a watch of the owner key, waits until etcd has created
-// it, then reads the key. A watch started from the current revision is
+// scheduleResync plans the next attempt to watch again: the first within
+// Jitter, later ones backing off up to resyncPauseMax.
+func (l *loop) scheduleResync() {
+	if l.watchCh != nil || l.resyncing || l.resyncAt != nil {
+		return
+	}
+	pause := time.Duration(rand.Int64N(int64(l.d.cfg.Jitter)))
+	if l.resyncTries > 0 {
+		pause = backoff.Jittered(l.resyncTries-1, resyncPauseMin, resyncPauseMax)
+	}
+	l.resyncAt = l.d.cfg.Clock.After(pause)
+}
+
+// startResync starts, in its own goroutine, a watch of the owner key,
+// waits until etcd has created it, then reads the key (resolving the app
+// first if that is still to do: an app registered after a lazy Start, or
+// etcd unreachable then). A watch started from the current revision is
 // "synced" in etcd from the first moment and gets events as they are
-// written; one started from an older revision waits for etcd's catch-up
-// loop, which runs every 100 ms. Events the read already reflects are
-// skipped (skipUpTo).
-func (l *loop) resync() bool {
-	d := l.d
-	ctx, cancel := context.WithCancel(clientv3.WithRequireLeader(d.ctx))
+// written; events the read already reflects are skipped (skipUpTo).
+func (l *loop) startResync() {
+	if l.watchCh != nil || l.resyncing {
+		return
+	}
+	l.resyncing = true
+	d, stream := l.d, l.stream
+	d.wg.Go(func() { l.resyncs <- d.resync(stream) })
+}
+
+// watchContext is the context of a watch on gRPC stream number stream.
+// The etcd client multiplexes every watch whose context carries the same
+// metadata on one stream; a stream that stalled (requests lost on a
+// half-open connection that gRPC still calls ready) takes every later
+// watch down with it. After a failure the worker moves to a new stream.
+func (d *Discovery) watchContext(stream int) (context.Context, context.CancelFunc) {
+	ctx := clientv3.WithRequireLeader(d.ctx)
+	if stream > 0 {
+		ctx = metadata.AppendToOutgoingContext(ctx, "baton-watch-stream", strconv.Itoa(stream))
+	}
+	return context.WithCancel(ctx)
+}
+
+func (d *Discovery) resync(stream int) resyncOutcome {
+	if err := d.resolveAppInEtcd(d.ctx); err != nil {
+		return resyncOutcome{err: err}
+	}
+	ctx, cancel := d.watchContext(stream)
 	// Watch itself blocks while the client's stream cannot take the
 	// request (a dead connection): cancelling ctx is what bounds it.
 	giveUp := time.AfterFunc(d.cfg.RequestTimeout, cancel)
 	wch := d.cfg.Client.Watch(ctx, d.keys.Owner(d.AppID()), clientv3.WithCreatedNotify())
-	created := false
+	var err error
 	select {
 	case resp, ok := <-wch:
-		created = ok && resp.Err() == nil && resp.Created
+		switch {
+		case !ok:
+			err = errors.New("worker: watch closed before it was created")
+		case resp.Err() != nil:
+			err = resp.Err()
+		case !resp.Created:
+			err = errors.New("worker: watch not created")
+		}
 	case <-ctx.Done():
+		err = ctx.Err()
 	}
-	if !giveUp.Stop() {
-		created = false // the timeout won the race: ctx is cancelled
+	if !giveUp.Stop() && err == nil {
+		err = context.DeadlineExceeded // the timeout won the race: ctx is cancelled
 	}
-	if !created {
+	if err != nil {
 		cancel()
-		return false
+		return resyncOutcome{err: err}
 	}
 	r, err := d.readOwnerKey(d.ctx)
 	if err != nil {
 		cancel()
-		return false
+		return resyncOutcome{err: err}
 	}
+	return resyncOutcome{watch: wch, cancel: cancel, read: r}
+}
+
+// resynced installs a new watch, or plans the next attempt.
+func (l *loop) resynced(out resyncOutcome) {
+	d := l.d
+	l.resyncing = false
+	if out.err != nil {
+		if d.ctx.Err() != nil {
+			return
+		}
+		l.resyncTries++
+		if errors.Is(out.err, coord.ErrUnknownApp) {
+			d.logger.Debug("app not registered yet", "error", out.err)
+		} else {
+			d.logger.Debug("could not watch the owner key", "error", out.err, "tries", l.resyncTries)
+			l.troubled()
+			l.stream++
+		}
+		l.scheduleResync()
+		return
+	}
+	if wasPolling := l.polling; wasPolling || !l.troubleSince.IsZero() {
+		d.logger.Info("etcd serves again; watching the owner key", "polled", wasPolling)
+	}
+	l.troubleSince, l.polling, l.resyncTries = time.Time{}, false, 0
+	l.watchSeq++
 	l.gen++
-	l.skipUpTo = r.rev
-	l.stopWatch, l.watchCh = cancel, wch
-	if r.owner.Address != "" {
-		d.setCurrent(r.owner)
+	l.skipUpTo = out.read.rev
+	l.known = keyState{rev: out.read.rev, modRev: out.read.modRev}
+	l.stopWatch, l.watchCh = out.cancel, out.watch
+	d.metrics.setWatching(true)
+	if out.read.owner.Address != "" {
+		d.setCurrent(out.read.owner)
 		l.found()
 	} else {
 		// No owner: the same as seeing its key deleted.
-		l.searching = true
-		l.startRound()
+		l.lookSoon()
 	}
-	d.metrics.setWatching(true)
-	return true
 }
 
 // apply handles owner-key events: a put points the worker at the new
@@ -283,7 +348,9 @@ func (l *loop) apply(events []*clientv3.Event) {
 			continue // already in the read that started this watch
 		}
 		l.gen++
+		l.known = keyState{rev: ev.Kv.ModRevision}
 		if ev.Type == clientv3.EventTypePut {
+			l.known.modRev = ev.Kv.ModRevision
 			rec, err := coord.DecodeOwnerRecord(ev.Kv.Value)
 			if s, ok := d.serverFromRecord(rec, ev.Kv.ModRevision); err == nil && ok {
 				d.setCurrent(s)
@@ -292,21 +359,65 @@ func (l *loop) apply(events []*clientv3.Event) {
 			}
 			d.logger.Warn("owner record unusable; asking the servers", "error", err)
 		}
-		// The owner left. Its successor is electing itself right now and
-		// its put usually arrives within milliseconds; give it a short,
-		// jittered moment before asking over HTTP, so that a thousand
-		// workers of one app do not all hit the successor (and etcd) at
-		// the instant it is busiest. A put cancels the round.
-		l.searching = true
-		if l.askSoon == nil {
-			l.askSoon = time.After(deleteGrace/2 + time.Duration(rand.Int64N(int64(deleteGrace))))
-		}
+		l.lookSoon()
 	}
 }
 
-// deleteGrace spreads the HTTP rounds that follow an owner-key deletion
-// over [deleteGrace/2, 1.5×deleteGrace).
-const deleteGrace = 100 * time.Millisecond
+// lookSoon starts searching for an owner: the one that left has a
+// successor electing itself right now, and its put usually arrives
+// within milliseconds. Give it a jittered moment (Jitter) before asking
+// over HTTP, so that a thousand workers of one app do not all hit the
+// successor (and etcd) at the instant it is busiest. A put ends the
+// search; a round already planned stays as it is.
+func (l *loop) lookSoon() {
+	l.searching = true
+	if l.askAt == nil {
+		l.askAt = l.d.cfg.Clock.After(jittered(l.d.cfg.Jitter))
+	}
+}
+
+// startCheck re-reads the owner key, in its own goroutine, while
+// watching: a watch can stall silently (a half-open connection, a plain
+// client without gRPC keepalive), and nothing else would notice.
+func (l *loop) startCheck() {
+	if l.watchCh == nil || l.checking {
+		return
+	}
+	l.checking = true
+	d, seq := l.d, l.watchSeq
+	d.wg.Go(func() {
+		r, err := d.readOwnerKey(d.ctx)
+		l.checks <- checkOutcome{watchSeq: seq, read: r, err: err}
+	})
+}
+
+// checked compares a re-check with what the watch has shown. The read is
+// linearizable: if it is newer than the last event and shows another key,
+// the watch missed it (or the event is a moment late); either way a fresh
+// watch and read put the worker right. A failed read means etcd does not
+// serve this worker: it tries to watch again, and polls after EtcdGrace.
+func (l *loop) checked(c checkOutcome) {
+	d := l.d
+	l.checking = false
+	if l.watchCh == nil || c.watchSeq != l.watchSeq || d.ctx.Err() != nil {
+		return
+	}
+	if c.err != nil {
+		d.logger.Warn("etcd did not answer the owner key's re-check; watching again", "error", c.err)
+		l.leaveWatch()
+		l.stream++
+		l.troubled()
+		l.scheduleResync()
+		return
+	}
+	if c.read.rev > l.known.rev && c.read.modRev != l.known.modRev {
+		d.logger.Warn("the owner key changed without the watch showing it; watching again",
+			"watched_mod_revision", l.known.modRev, "read_mod_revision", c.read.modRev)
+		l.leaveWatch()
+		l.stream++
+		l.startResync()
+	}
+}
 
 // startRound runs a discovery round in its own goroutine unless one is
 // running already.
@@ -325,34 +436,59 @@ func (l *loop) startRound() {
 	})
 }
 
-// finished takes a round's result. A round that etcd has overtaken (an
-// owner-key event arrived while it ran) is stale: its answer is dropped,
-// and if etcd now shows no owner a fresh round starts at once. A failed
-// round counts towards isolation, and the MaxFailedRounds-th in a row
-// calls OnIsolated.
+// report starts a round for the worker's own failed traffic to addr, if
+// addr is the current server. Reports of the same address in a row back
+// off (from TryPause up to Interval): a worker whose every request fails
+// must not turn each failure into a round.
+func (l *loop) report(addr string) {
+	d := l.d
+	if cur, ok := d.Current(); !ok || cur.Address != addr {
+		return
+	}
+	if addr != l.reported {
+		l.reported, l.reportTries, l.reportOK = addr, 0, time.Time{}
+	}
+	if l.roundAt != nil {
+		return // a round is planned already
+	}
+	now := d.cfg.Clock.Now()
+	pause := l.reportOK.Sub(now)
+	l.reportOK = now.Add(max(pause, 0) + backoff.Jittered(l.reportTries, d.cfg.TryPause, d.cfg.Interval))
+	l.reportTries++
+	if pause <= 0 {
+		l.startRound()
+		return
+	}
+	l.roundAt = d.cfg.Clock.After(pause)
+}
+
+// finished takes a round's result. While etcd serves the worker, it alone
+// says who the owner is: the round has made the server asked elect an
+// owner if there was none, and that owner's put arrives on the watch; an
+// HTTP answer — a deposed owner's stale table, say — never overrides it.
+// While polling, the answer is the server. A failed round counts towards
+// isolation, and the MaxFailedRounds-th in a row calls OnIsolated.
 func (l *loop) finished(out roundOutcome) {
 	d := l.d
 	l.roundRunning = false
-	stale := out.gen != l.gen && l.watchCh != nil
-	switch {
-	case out.ok && l.watchCh != nil:
-		// While etcd answers, it alone says who the owner is: the round
-		// has made the server asked elect an owner if there was none,
-		// and that owner's put arrives on the watch. An HTTP answer — a
-		// deposed owner's stale table, say — never overrides it.
+	if d.ctx.Err() != nil {
+		return
+	}
+	if out.ok {
 		l.failed = 0
-		return
-	case out.ok && !stale:
-		d.setCurrent(out.server)
-		l.found()
-		return
-	case out.ok || stale && !l.searching:
-		// Overtaken: etcd's answer is newer than this round's.
-		if l.searching {
-			l.startRound()
+		if l.watchCh == nil && out.gen == l.gen {
+			if cur, _ := d.Current(); cur.Address != out.server.Address {
+				d.setCurrent(out.server) // the same address keeps what etcd said of it
+			}
+			l.searching = false
 		}
 		return
-	case d.ctx.Err() != nil:
+	}
+	if out.gen != l.gen {
+		// Overtaken: etcd has shown a change since the round started.
+		if l.searching {
+			l.lookSoon()
+		}
 		return
 	}
 	l.failed++
@@ -364,43 +500,38 @@ func (l *loop) finished(out roundOutcome) {
 			d.cfg.OnIsolated()
 		}
 	}
-	if stale && l.searching {
-		l.startRound() // the owner left while this round ran: ask again now
-	}
 }
 
-// found resets the search and the isolation count.
+// found ends the search and resets the isolation count.
 func (l *loop) found() {
 	l.searching = false
 	l.failed = 0
 }
 
-// checkHealth moves between watching and polling with the etcd
-// connection's state: a connection not ready for EtcdGrace means polling;
-// a ready one means watching again.
+// checkHealth follows the etcd connection's state. While watching, a
+// connection not ready for EtcdGrace means polling; while not, trouble
+// that has lasted EtcdGrace does. Polling starts at a random phase of the
+// Interval, as PowerJob workers' rounds fall: workers started together
+// and cut off together must not poll in lockstep. The worker keeps its
+// server meanwhile; nothing says it has changed.
 func (l *loop) checkHealth() {
 	d := l.d
-	if l.connHealthy() {
-		l.unhealthy = time.Time{}
-		if l.watchCh == nil && d.AppID() != 0 {
-			if l.resync() {
-				d.logger.Info("etcd reachable again; watching the owner key")
-			}
+	now := d.cfg.Clock.Now()
+	if l.watchCh != nil {
+		if l.connHealthy() {
+			l.troubleSince = time.Time{}
+			return
 		}
+		l.troubled()
+	}
+	if l.polling || l.troubleSince.IsZero() || now.Sub(l.troubleSince) < d.cfg.EtcdGrace {
 		return
 	}
-	if l.watchCh == nil {
-		return
-	}
-	if l.unhealthy.IsZero() {
-		l.unhealthy = time.Now()
-		return
-	}
-	if time.Since(l.unhealthy) >= d.cfg.EtcdGrace {
-		d.logger.Warn("etcd unreachable; polling the servers", "for", time.Since(l.unhealthy))
-		l.leaveWatch()
-		l.startRound()
-	}
+	d.logger.Warn("etcd unreachable; polling the servers", "for", now.Sub(l.troubleSince))
+	l.leaveWatch()
+	l.scheduleResync()
+	l.polling = true
+	l.interval = d.cfg.Clock.After(time.Duration(rand.Int64N(int64(d.cfg.Interval))))
 }
 
 func (l *loop) connHealthy() bool {

@@ -105,6 +105,9 @@ func TestSteadyStateWithEtcdSendsNoHTTP(t *testing.T) {
 		c.Servers = []string{n.Addr()}
 		c.Clock = clock
 	})
+	testutil.Eventually(t, 5*time.Second, "the worker to watch", func() bool {
+		return w.metric(t, "baton_worker_watching", "") == 1
+	})
 	for i := 0; i < 30; i++ { // five minutes of 10 s intervals
 		if !clock.BlockUntil(1, 5*time.Second) {
 			t.Fatal("the worker is not waiting for its next round")
@@ -133,8 +136,16 @@ func TestOwnerGoneWithNoServerIsolatesAfterExactlyThreeRounds(t *testing.T) {
 	})
 	failedRounds := func() float64 { return w.metric(t, "baton_worker_rounds_total", "failed") }
 
+	testutil.Eventually(t, 5*time.Second, "the worker to watch", func() bool {
+		return w.metric(t, "baton_worker_watching", "") == 1
+	})
 	closeNode(n) // the only server: its keys go, nobody takes over
-	// The deletion starts round 1 at once.
+	// The deletion starts round 1 after a pause of at most 1.5 × Jitter
+	// (then the Interval timer and that pause are pending).
+	if !clock.BlockUntil(2, 5*time.Second) {
+		t.Fatal("no round planned after the deletion")
+	}
+	clock.Advance(worker.DefaultConfig().Jitter * 3 / 2)
 	testutil.Eventually(t, 10*time.Second, "round 1 to fail", func() bool { return failedRounds() == 1 })
 	for round := 2; round <= 5; round++ {
 		if w.isolations() != min(max(round-3, 0), 1) {
@@ -162,6 +173,10 @@ func TestOwnerGoneWithNoServerIsolatesAfterExactlyThreeRounds(t *testing.T) {
 
 	// And it takes three more failures to isolate again.
 	closeNode(n2)
+	if !clock.BlockUntil(2, 5*time.Second) {
+		t.Fatal("no round planned after the deletion")
+	}
+	clock.Advance(worker.DefaultConfig().Jitter * 3 / 2)
 	testutil.Eventually(t, 10*time.Second, "the next failure", func() bool { return failedRounds() == 6 })
 	for round := 7; round <= 8; round++ {
 		clock.BlockUntil(1, 5*time.Second)

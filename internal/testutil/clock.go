@@ -65,6 +65,13 @@ func (c *FakeClock) Advance(d time.Duration) {
 	c.changed = make(chan struct{})
 }
 
+// Pending returns how many After channels wait for Advance.
+func (c *FakeClock) Pending() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.waiters)
+}
+
 // BlockUntil waits until at least n After channels are pending, or
 // timeout passes (then it reports false).
 func (c *FakeClock) BlockUntil(n int, timeout time.Duration) bool {
