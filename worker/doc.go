@@ -6,21 +6,28 @@
 // with no HTTP request at all in steady state; a deletion (the owner
 // resigned or died) makes it ask the app's successor — the live server
 // coord.Rank puts first, the one that is taking the app over — then the
-// other live servers, then the configured ones, via /server/acquire. A
-// broken watch (compaction, leader loss) is answered with a fresh read and
-// a new watch.
+// other live servers, then the configured ones, via /server/acquire,
+// after a random pause of about Jitter (the successor's put usually comes
+// first, and then nobody is asked). While etcd serves the worker, only
+// etcd says who the owner is: an HTTP answer can make a server elect an
+// owner, never replace the one etcd names. Every Interval the worker
+// re-reads the key, so that a watch that stalled silently (a half-open
+// connection, a client without gRPC keepalive) is noticed.
 //
-// Without etcd, or while the etcd connection has not been ready for
-// EtcdGrace, the worker does what PowerJob's does: every Interval (10 s)
-// it asks the current server first, then the configured servers (shuffled
-// once), each up to Tries times TryPause apart. When the etcd connection
-// is ready again, it reads the owner key and watches again.
+// A broken watch (compaction, an etcd leader loss) is answered with a
+// fresh read and a new watch, retried with jittered backoff; meanwhile
+// the worker keeps its server. Only when etcd has failed it for
+// EtcdGrace does it do what PowerJob's worker does: every Interval (10 s,
+// starting at a random phase) it asks the current server first, then the
+// configured servers (shuffled once), each up to Tries times TryPause
+// apart, until etcd serves it again.
 //
 // After exactly MaxFailedRounds consecutive rounds without a server,
 // OnIsolated runs once (PowerJob kills frequent jobs there — its own code
 // fires on the fifth failure while its log says three); a success arms it
 // again. ReportUnreachable lets the worker's own failed traffic start a
-// round at once.
+// round at once; reports of the same server in a row back off from
+// TryPause to Interval.
 //
 //	d, err := worker.New(worker.Config{AppName: "orders", Client: etcd, Servers: []string{"10.0.0.7:7700"}})
 //	if err != nil { ... }
