@@ -66,7 +66,7 @@
 //
 // Start an embedded etcd, register an app and open a guarded session:
 //
-//	etcd, err := coord.StartEmbedded(coord.EmbeddedConfig{})
+//	etcd, err := embedded.Start(embedded.Config{})
 //	if err != nil { ... }
 //	defer etcd.Close()
 //	keys, _ := coord.NewKeys("")

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/batonhq/baton/internal/zaplog"
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap/zapcore"
@@ -34,7 +35,7 @@ func ClientConfig(endpoints []string, logger hclog.Logger) clientv3.Config {
 		// No pings while the client has no stream: etcd answers those with
 		// GOAWAY "too_many_pings", and an idle client has nothing to protect.
 		PermitWithoutStream: false,
-		Logger:              ZapLogger(logger, zapcore.WarnLevel),
+		Logger:              zaplog.New(logger, zapcore.WarnLevel),
 		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff: backoff.Config{
 				BaseDelay:  100 * time.Millisecond,

@@ -12,6 +12,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/etcdcluster"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
@@ -37,7 +38,7 @@ func TestGuardFiresBeforeEtcdExpiresTheLease(t *testing.T) {
 		trials, margins[0], margins[len(margins)/2], margins[len(margins)-1])
 }
 
-func guardTrial(t *testing.T, e *coord.Embedded, trial int) (guardFired, leaseDeleted time.Time) {
+func guardTrial(t *testing.T, e *etcdcluster.Cluster, trial int) (guardFired, leaseDeleted time.Time) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	p, url := testutil.Proxy(t, e.Endpoint(0))

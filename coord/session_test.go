@@ -11,6 +11,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/etcdcluster"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
@@ -49,7 +50,7 @@ func contains(s, sub string) bool { return strings.Contains(s, sub) }
 
 func TestSessionUsesTheTTLEtcdGranted(t *testing.T) {
 	// etcd with its default raft timings grants no lease below 2 s.
-	e, err := coord.StartEmbedded(coord.EmbeddedConfig{Dir: t.TempDir(), Logger: testutil.Logger(t)})
+	e, err := etcdcluster.Start(etcdcluster.Config{Dir: t.TempDir(), Logger: testutil.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/election"
+	"github.com/batonhq/baton/internal/etcdcluster"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
@@ -68,7 +69,7 @@ func (p *pinger) setDown(address string, down bool) {
 // shared by all their callbacks.
 type cluster struct {
 	t      testing.TB
-	etcd   *coord.Embedded
+	etcd   *etcdcluster.Cluster
 	keys   coord.Keys
 	pinger *pinger
 	rec    *recorder

@@ -10,7 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/etcdcluster"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
@@ -27,13 +27,13 @@ func BenchmarkColdStart(b *testing.B) {
 		b.Run(fmt.Sprintf("fsync=%v", fsync), func(b *testing.B) {
 			// With fsync a commit costs a disk flush, as in production;
 			// without, every request costs about the same CPU.
-			e := testutil.EtcdWith(b, coord.EmbeddedConfig{Members: 1, FastTimings: !fsync})
+			e := testutil.EtcdWith(b, etcdcluster.Config{Members: 1, FastTimings: !fsync})
 			coldStart(b, e)
 		})
 	}
 }
 
-func coldStart(b *testing.B, e *coord.Embedded) {
+func coldStart(b *testing.B, e *etcdcluster.Cluster) {
 	const apps = 10000
 	for range b.N {
 		bc := newBenchClusterOn(b, e, 3)

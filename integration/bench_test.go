@@ -15,6 +15,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/etcdcluster"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
 	"github.com/batonhq/baton/worker"
@@ -29,7 +30,7 @@ import (
 // benchCluster is an embedded etcd and in-process server nodes.
 type benchCluster struct {
 	b     *testing.B
-	etcd  *coord.Embedded
+	etcd  *etcdcluster.Cluster
 	keys  coord.Keys
 	nodes []*server.Node
 	seq   int
@@ -40,7 +41,7 @@ func newBenchCluster(b *testing.B, nodes int) *benchCluster {
 }
 
 // newBenchClusterOn starts nodes servers on the given etcd.
-func newBenchClusterOn(b *testing.B, e *coord.Embedded, nodes int) *benchCluster {
+func newBenchClusterOn(b *testing.B, e *etcdcluster.Cluster, nodes int) *benchCluster {
 	keys, _ := coord.NewKeys(prefix)
 	bc := &benchCluster{b: b, etcd: e, keys: keys}
 	for range nodes {
@@ -241,7 +242,7 @@ type fleetConfig struct {
 	// send buffer). Shared instead gives them all one client. With
 	// neither, workers poll with PowerJob's defaults (10 s interval, 1 s
 	// timeout, 3 tries).
-	Etcd   *coord.Embedded
+	Etcd   *etcdcluster.Cluster
 	Shared *clientv3.Client
 	// Clients, if set, are shared round-robin: worker i uses
 	// Clients[i%len(Clients)].

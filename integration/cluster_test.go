@@ -21,6 +21,7 @@ import (
 	"go.etcd.io/etcd/pkg/v3/proxy"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/etcdcluster"
 	"github.com/batonhq/baton/internal/monoclock"
 	"github.com/batonhq/baton/internal/testutil"
 )
@@ -32,7 +33,7 @@ const prefix = "/it"
 // that it can be cut off alone.
 type cluster struct {
 	t      *testing.T
-	etcd   *coord.Embedded
+	etcd   *etcdcluster.Cluster
 	prefix string
 	keys   coord.Keys
 	ttl    time.Duration
@@ -63,7 +64,7 @@ func newCluster(t *testing.T, ttl time.Duration) *cluster {
 
 // newClusterOn is a cluster of its own under pfx on an etcd that other
 // clusters may share.
-func newClusterOn(t *testing.T, e *coord.Embedded, pfx string, ttl time.Duration) *cluster {
+func newClusterOn(t *testing.T, e *etcdcluster.Cluster, pfx string, ttl time.Duration) *cluster {
 	keys, err := coord.NewKeys(pfx)
 	if err != nil {
 		t.Fatal(err)

@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/backoff"
+	"github.com/batonhq/baton/internal/etcdcluster"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
@@ -164,7 +164,7 @@ func (r *randomRun) byKind() string {
 // randomRun is what the groups share.
 type randomRun struct {
 	t          *testing.T
-	etcd       *coord.Embedded
+	etcd       *etcdcluster.Cluster
 	seed       uint64
 	rng        *rand.Rand // the etcd rounds' choices; only coordinate uses it
 	soak       time.Duration

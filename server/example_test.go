@@ -7,6 +7,7 @@ import (
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/election"
+	"github.com/batonhq/baton/internal/etcdcluster"
 	"github.com/batonhq/baton/server"
 )
 
@@ -14,7 +15,7 @@ import (
 // address to listen on, and callbacks that start and stop your work for
 // each app it owns.
 func Example() {
-	etcd, _ := coord.StartEmbedded(coord.EmbeddedConfig{}) // your cluster in production
+	etcd, _ := etcdcluster.Start(etcdcluster.Config{}) // your cluster in production
 	defer etcd.Close()
 	ctx := context.Background()
 	events := make(chan string, 2)

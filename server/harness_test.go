@@ -10,14 +10,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/etcdcluster"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
 )
 
 // startNode starts a listening node on e with TTL 1 s; it is closed when
 // the test ends unless the test closed it.
-func startNode(t testing.TB, e *coord.Embedded, id string, edit ...func(*server.Config)) *server.Node {
+func startNode(t testing.TB, e *etcdcluster.Cluster, id string, edit ...func(*server.Config)) *server.Node {
 	t.Helper()
 	cfg := server.DefaultConfig()
 	cfg.Client = testutil.Client(t, e)

@@ -12,6 +12,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/etcdcluster"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
 	"github.com/batonhq/baton/worker"
@@ -19,7 +20,7 @@ import (
 
 // startNode starts a server node with TTL 1 s, listening on listen
 // ("127.0.0.1:0" for any port).
-func startNode(t testing.TB, e *coord.Embedded, id, listen string) *server.Node {
+func startNode(t testing.TB, e *etcdcluster.Cluster, id, listen string) *server.Node {
 	t.Helper()
 	cfg := server.DefaultConfig()
 	cfg.Client = testutil.Client(t, e)

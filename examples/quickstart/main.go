@@ -20,6 +20,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/coord/embedded"
 	"github.com/batonhq/baton/election"
 	"github.com/batonhq/baton/server"
 	"github.com/batonhq/baton/worker"
@@ -55,7 +56,7 @@ func run(endpoints, prefix string, ttl time.Duration, verbose bool) error {
 
 	eps := strings.Split(endpoints, ",")
 	if endpoints == "" {
-		etcd, err := coord.StartEmbedded(coord.EmbeddedConfig{Logger: logger})
+		etcd, err := embedded.Start(embedded.Config{Logger: logger})
 		if err != nil {
 			return err
 		}

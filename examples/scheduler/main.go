@@ -17,6 +17,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/coord/embedded"
 	"github.com/batonhq/baton/election"
 	"github.com/batonhq/baton/server"
 )
@@ -55,7 +56,7 @@ func cron(ctx context.Context, node *server.Node, cli *clientv3.Client, app int6
 }
 
 func run() error {
-	etcd, err := coord.StartEmbedded(coord.EmbeddedConfig{})
+	etcd, err := embedded.Start(embedded.Config{})
 	if err != nil {
 		return err
 	}

@@ -5,7 +5,6 @@ package testutil
 import (
 	"context"
 	"fmt"
-	"go.uber.org/goleak"
 	"net"
 	"net/url"
 	"strings"
@@ -13,12 +12,13 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
+
+	"github.com/batonhq/baton/internal/etcdcluster"
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/pkg/v3/proxy"
 	"go.uber.org/zap"
-
-	"github.com/batonhq/baton/coord"
 )
 
 // Logger returns an hclog logger that writes through t.Log and goes quiet
@@ -62,17 +62,17 @@ func (w *testWriter) stop() {
 // Etcd starts an embedded cluster with fast timings in t.TempDir() and
 // closes it when the test ends. Register client cleanups after this call
 // so that they run first.
-func Etcd(t testing.TB, members int) *coord.Embedded {
+func Etcd(t testing.TB, members int) *etcdcluster.Cluster {
 	t.Helper()
-	return EtcdWith(t, coord.EmbeddedConfig{Members: members, FastTimings: true})
+	return EtcdWith(t, etcdcluster.Config{Members: members, FastTimings: true})
 }
 
 // EtcdWith starts an embedded cluster configured by cfg (its Dir, Logger
 // and LogLevel are filled in) and closes it when the test ends.
-func EtcdWith(t testing.TB, cfg coord.EmbeddedConfig) *coord.Embedded {
+func EtcdWith(t testing.TB, cfg etcdcluster.Config) *etcdcluster.Cluster {
 	t.Helper()
 	cfg.Dir, cfg.Logger, cfg.LogLevel = t.TempDir(), Logger(t).Named("etcd"), "error"
-	e, err := coord.StartEmbedded(cfg)
+	e, err := etcdcluster.Start(cfg)
 	if err != nil {
 		t.Fatalf("start embedded etcd: %v", err)
 	}
@@ -82,7 +82,7 @@ func EtcdWith(t testing.TB, cfg coord.EmbeddedConfig) *coord.Embedded {
 
 // Client returns a new client of e (or of the given endpoints), closed
 // when the test ends.
-func Client(t testing.TB, e *coord.Embedded, endpoints ...string) *clientv3.Client {
+func Client(t testing.TB, e *etcdcluster.Cluster, endpoints ...string) *clientv3.Client {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -179,7 +179,7 @@ func Eventually(t testing.TB, timeout time.Duration, what string, cond func() bo
 }
 
 // IgnoreHardStoppedEtcd is the goleak option for packages whose tests use
-// coord.Embedded.StopAll: a peer request that reaches a member between its
+// etcdcluster.Cluster.StopAll: a peer request that reaches a member between its
 // raft stop and the close of its listeners leaves one goroutine of etcd's
 // peer handler blocked on the closed backend for good.
 var IgnoreHardStoppedEtcd = goleak.IgnoreAnyFunction("go.etcd.io/etcd/server/v3/etcdserver/api/etcdhttp.newPeerHandler.versionHandler.func1")

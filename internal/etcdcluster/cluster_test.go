@@ -1,4 +1,4 @@
-package coord_test
+package etcdcluster_test
 
 import (
 	"bytes"
@@ -14,11 +14,12 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/etcdcluster"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
 func TestEmbeddedTemporaryDirectoryIsRemovedOnClose(t *testing.T) {
-	e, err := coord.StartEmbedded(coord.EmbeddedConfig{FastTimings: true})
+	e, err := etcdcluster.Start(etcdcluster.Config{FastTimings: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,7 +42,7 @@ func TestEmbeddedTemporaryDirectoryIsRemovedOnClose(t *testing.T) {
 
 func TestEmbeddedRefusesADirectoryWithOldData(t *testing.T) {
 	dir := t.TempDir()
-	e, err := coord.StartEmbedded(coord.EmbeddedConfig{Dir: dir, FastTimings: true})
+	e, err := etcdcluster.Start(etcdcluster.Config{Dir: dir, FastTimings: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,12 +50,12 @@ func TestEmbeddedRefusesADirectoryWithOldData(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "m0")); err != nil {
 		t.Fatalf("a given Dir must keep its data without RemoveData: %v", err)
 	}
-	if _, err := coord.StartEmbedded(coord.EmbeddedConfig{Dir: dir, FastTimings: true}); !errors.Is(err, coord.ErrInvalidConfig) {
+	if _, err := etcdcluster.Start(etcdcluster.Config{Dir: dir, FastTimings: true}); !errors.Is(err, coord.ErrInvalidConfig) {
 		t.Fatalf("start over old data = %v, want ErrInvalidConfig", err)
 	}
 
 	clean := t.TempDir()
-	e, err = coord.StartEmbedded(coord.EmbeddedConfig{Dir: clean, FastTimings: true, RemoveData: true})
+	e, err = etcdcluster.Start(etcdcluster.Config{Dir: clean, FastTimings: true, RemoveData: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -65,8 +66,8 @@ func TestEmbeddedRefusesADirectoryWithOldData(t *testing.T) {
 }
 
 func TestEmbeddedConfigErrors(t *testing.T) {
-	for _, cfg := range []coord.EmbeddedConfig{{Members: 2}, {Members: -1}, {LogLevel: "loud"}} {
-		if _, err := coord.StartEmbedded(cfg); !errors.Is(err, coord.ErrInvalidConfig) {
+	for _, cfg := range []etcdcluster.Config{{Members: 2}, {Members: -1}, {LogLevel: "loud"}} {
+		if _, err := etcdcluster.Start(cfg); !errors.Is(err, coord.ErrInvalidConfig) {
 			t.Errorf("StartEmbedded(%+v) = %v, want ErrInvalidConfig", cfg, err)
 		}
 	}
@@ -76,7 +77,7 @@ func TestEmbeddedLogsGoToTheGivenLoggerOnly(t *testing.T) {
 	var mu sync.Mutex
 	var buf bytes.Buffer
 	logger := hclog.New(&hclog.LoggerOptions{Output: &lockedWriter{mu: &mu, w: &buf}, Level: hclog.Debug})
-	e, err := coord.StartEmbedded(coord.EmbeddedConfig{FastTimings: true, Logger: logger, LogLevel: "info"})
+	e, err := etcdcluster.Start(etcdcluster.Config{FastTimings: true, Logger: logger, LogLevel: "info"})
 	if err != nil {
 		t.Fatal(err)
 	}

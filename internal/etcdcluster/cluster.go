@@ -1,4 +1,8 @@
-package coord
+// Package etcdcluster runs an etcd cluster of 1 or 3 members inside this
+// process, with the controls tests need (stop, restart, find the leader).
+// It is the only package of baton that links etcd's server; the public
+// face of it is coord/embedded.
+package etcdcluster
 
 import (
 	"context"
@@ -13,17 +17,19 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/zaplog"
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap/zapcore"
 )
 
-// EmbeddedConfig configures an in-process etcd cluster.
-type EmbeddedConfig struct {
+// Config configures an in-process etcd cluster.
+type Config struct {
 	// Dir holds the members' data directories (m0, m1, m2). Empty means a
 	// new temporary directory, removed by Close. A given Dir is kept, and
-	// so are the member directories unless RemoveData is set. Embedded
+	// so are the member directories unless RemoveData is set. Start
 	// always starts a new cluster: it refuses a Dir that already holds
 	// member directories rather than overwrite or misread them.
 	Dir string
@@ -48,12 +54,12 @@ type EmbeddedConfig struct {
 	StartTimeout time.Duration
 }
 
-// Embedded is an etcd cluster running inside this process on loopback
+// Cluster is an etcd cluster running inside this process on loopback
 // ports. Its methods are safe for concurrent use. Close every client you
 // created against it before calling Close: etcd waits for open client
 // streams when it shuts down.
-type Embedded struct {
-	cfg     EmbeddedConfig
+type Cluster struct {
+	cfg     Config
 	dir     string
 	created []string // what Close removes
 	logger  hclog.Logger
@@ -73,26 +79,26 @@ type member struct {
 	startCount int
 }
 
-// StartEmbedded starts the cluster and returns once it has a leader and
+// Start starts the cluster and returns once it has a leader and
 // answers a linearizable read.
-func StartEmbedded(cfg EmbeddedConfig) (*Embedded, error) {
+func Start(cfg Config) (*Cluster, error) {
 	if cfg.Members == 0 {
 		cfg.Members = 1
 	}
 	if cfg.Members != 1 && cfg.Members != 3 {
-		return nil, fmt.Errorf("%w: EmbeddedConfig.Members (%d) must be 1 or 3", ErrInvalidConfig, cfg.Members)
+		return nil, fmt.Errorf("%w: Config.Members (%d) must be 1 or 3", coord.ErrInvalidConfig, cfg.Members)
 	}
 	if cfg.LogLevel == "" {
 		cfg.LogLevel = "warn"
 	}
 	var min zapcore.Level
 	if err := min.Set(cfg.LogLevel); err != nil {
-		return nil, fmt.Errorf("%w: EmbeddedConfig.LogLevel (%q): %v", ErrInvalidConfig, cfg.LogLevel, err)
+		return nil, fmt.Errorf("%w: Config.LogLevel (%q): %v", coord.ErrInvalidConfig, cfg.LogLevel, err)
 	}
 	if cfg.StartTimeout == 0 {
 		cfg.StartTimeout = 30 * time.Second
 	}
-	e := &Embedded{cfg: cfg, logger: cfg.Logger}
+	e := &Cluster{cfg: cfg, logger: cfg.Logger}
 	if e.logger == nil {
 		e.logger = hclog.NewNullLogger()
 	}
@@ -100,7 +106,7 @@ func StartEmbedded(cfg EmbeddedConfig) (*Embedded, error) {
 	if e.dir == "" {
 		dir, err := os.MkdirTemp("", "baton-etcd-")
 		if err != nil {
-			return nil, fmt.Errorf("coord: embedded etcd data directory: %w", err)
+			return nil, fmt.Errorf("embedded etcd: embedded etcd data directory: %w", err)
 		}
 		e.dir = dir
 		e.created = append(e.created, dir)
@@ -128,7 +134,7 @@ func StartEmbedded(cfg EmbeddedConfig) (*Embedded, error) {
 	return e, nil
 }
 
-func (e *Embedded) startAll() error {
+func (e *Cluster) startAll() error {
 	e.stopAll()
 	e.members = nil
 	ports, err := freePorts(2 * e.cfg.Members)
@@ -144,7 +150,7 @@ func (e *Embedded) startAll() error {
 		}
 		m.dir = filepath.Join(e.dir, m.name)
 		if _, err := os.Stat(m.dir); err == nil {
-			return fmt.Errorf("%w: EmbeddedConfig.Dir (%s) already holds etcd member data %s", ErrInvalidConfig, e.dir, m.dir)
+			return fmt.Errorf("%w: Config.Dir (%s) already holds etcd member data %s", coord.ErrInvalidConfig, e.dir, m.dir)
 		}
 		e.members = append(e.members, m)
 		cluster = append(cluster, m.name+"="+m.peerURL.String())
@@ -166,7 +172,7 @@ func (e *Embedded) startAll() error {
 	return nil
 }
 
-func (e *Embedded) startMembers(initialCluster string) error {
+func (e *Cluster) startMembers(initialCluster string) error {
 	for _, m := range e.members {
 		if err := e.startMember(m, initialCluster); err != nil {
 			return err
@@ -178,15 +184,15 @@ func (e *Embedded) startMembers(initialCluster string) error {
 		select {
 		case <-m.etcd.Server.ReadyNotify():
 		case err := <-m.etcd.Err():
-			return fmt.Errorf("coord: embedded etcd member %s: %w", m.name, err)
+			return fmt.Errorf("embedded etcd: embedded etcd member %s: %w", m.name, err)
 		case <-timeout.C:
-			return fmt.Errorf("coord: embedded etcd did not become ready within %v", e.cfg.StartTimeout)
+			return fmt.Errorf("embedded etcd: embedded etcd did not become ready within %v", e.cfg.StartTimeout)
 		}
 	}
 	return nil
 }
 
-func (e *Embedded) startMember(m *member, initialCluster string) error {
+func (e *Cluster) startMember(m *member, initialCluster string) error {
 	c := embed.NewConfig()
 	c.Name = m.name
 	c.Dir = m.dir
@@ -198,8 +204,8 @@ func (e *Embedded) startMember(m *member, initialCluster string) error {
 	c.InitialClusterToken = "baton-embedded"
 	c.LogLevel = e.cfg.LogLevel
 	var min zapcore.Level
-	_ = min.Set(e.cfg.LogLevel) // validated in StartEmbedded
-	c.ZapLoggerBuilder = embed.NewZapLoggerBuilder(ZapLogger(e.logger.Named("etcd").With("member", m.name), min))
+	_ = min.Set(e.cfg.LogLevel) // validated in Start
+	c.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zaplog.New(e.logger.Named("etcd").With("member", m.name), min))
 	if m.startCount > 0 {
 		c.ClusterState = embed.ClusterStateFlagExisting
 	}
@@ -210,7 +216,7 @@ func (e *Embedded) startMember(m *member, initialCluster string) error {
 	}
 	etcd, err := embed.StartEtcd(c)
 	if err != nil {
-		return fmt.Errorf("coord: start embedded etcd member %s: %w", m.name, err)
+		return fmt.Errorf("embedded etcd: start embedded etcd member %s: %w", m.name, err)
 	}
 	m.etcd = etcd
 	m.startCount++
@@ -218,7 +224,7 @@ func (e *Embedded) startMember(m *member, initialCluster string) error {
 }
 
 // Endpoints returns the client URLs of all members, stopped ones included.
-func (e *Embedded) Endpoints() []string {
+func (e *Cluster) Endpoints() []string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	out := make([]string, len(e.members))
@@ -229,24 +235,24 @@ func (e *Embedded) Endpoints() []string {
 }
 
 // Endpoint returns the client URL of member i.
-func (e *Embedded) Endpoint(i int) string {
+func (e *Cluster) Endpoint(i int) string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.members[i].clientURL.String()
 }
 
-// Client returns a client connected to all members. Embedded owns it and
+// Client returns a client connected to all members. The Cluster owns it and
 // closes it in Close; do not close it yourself.
-func (e *Embedded) Client() *clientv3.Client { return e.client }
+func (e *Cluster) Client() *clientv3.Client { return e.client }
 
 // NewClient returns a new client of all members (or of the given
 // endpoints, e.g. a proxy in front of a member), configured with
-// ClientConfig and probed. The caller closes it, before Close.
-func (e *Embedded) NewClient(ctx context.Context, endpoints ...string) (*clientv3.Client, error) {
+// coord.ClientConfig and probed. The caller closes it, before Close.
+func (e *Cluster) NewClient(ctx context.Context, endpoints ...string) (*clientv3.Client, error) {
 	if len(endpoints) == 0 {
 		endpoints = e.Endpoints()
 	}
-	return Dial(ctx, endpoints, e.logger.Named("etcd-client"))
+	return coord.Dial(ctx, endpoints, e.logger.Named("etcd-client"))
 }
 
 // Stop stops member i (its data stays for Restart). With clients
@@ -254,18 +260,18 @@ func (e *Embedded) NewClient(ctx context.Context, endpoints ...string) (*clientv
 // its request timeout, and a leader first hands its leadership on.
 // Members can be stopped concurrently; to take the whole cluster down at
 // one instant, use StopAll.
-func (e *Embedded) Stop(i int) error {
+func (e *Cluster) Stop(i int) error {
 	e.mu.Lock()
 	if i < 0 || i >= len(e.members) {
 		e.mu.Unlock()
-		return fmt.Errorf("coord: no embedded etcd member %d", i)
+		return fmt.Errorf("embedded etcd: no embedded etcd member %d", i)
 	}
 	m := e.members[i]
 	etcd := m.etcd
 	m.etcd = nil
 	e.mu.Unlock()
 	if etcd == nil {
-		return fmt.Errorf("coord: embedded etcd member %d is already stopped", i)
+		return fmt.Errorf("embedded etcd: embedded etcd member %d is already stopped", i)
 	}
 	etcd.Close()
 	return nil
@@ -279,7 +285,7 @@ func (e *Embedded) Stop(i int) error {
 // its listeners can leave a goroutine of etcd's peer handler blocked for
 // good (etcdhttp's version handler, on the closed backend); tests that
 // use StopAll tell goleak to ignore it.
-func (e *Embedded) StopAll() {
+func (e *Cluster) StopAll() {
 	e.mu.Lock()
 	var stopping []*embed.Etcd
 	for _, m := range e.members {
@@ -302,16 +308,16 @@ func (e *Embedded) StopAll() {
 
 // Restart starts stopped member i again on its old ports and data, and
 // waits until it has rejoined the cluster or ctx ends.
-func (e *Embedded) Restart(ctx context.Context, i int) error {
+func (e *Cluster) Restart(ctx context.Context, i int) error {
 	e.mu.Lock()
 	if i < 0 || i >= len(e.members) {
 		e.mu.Unlock()
-		return fmt.Errorf("coord: no embedded etcd member %d", i)
+		return fmt.Errorf("embedded etcd: no embedded etcd member %d", i)
 	}
 	m := e.members[i]
 	if m.etcd != nil {
 		e.mu.Unlock()
-		return fmt.Errorf("coord: embedded etcd member %d is running", i)
+		return fmt.Errorf("embedded etcd: embedded etcd member %d is running", i)
 	}
 	var cluster []string
 	for _, o := range e.members {
@@ -327,7 +333,7 @@ func (e *Embedded) Restart(ctx context.Context, i int) error {
 	case <-etcd.Server.ReadyNotify():
 		return nil
 	case err := <-etcd.Err():
-		return fmt.Errorf("coord: embedded etcd member %d: %w", i, err)
+		return fmt.Errorf("embedded etcd: embedded etcd member %d: %w", i, err)
 	case <-ctx.Done():
 		return ctx.Err()
 	}
@@ -335,7 +341,7 @@ func (e *Embedded) Restart(ctx context.Context, i int) error {
 
 // Leader returns the index of the member that is raft leader, as seen by
 // the running members, waiting until they agree on one or ctx ends.
-func (e *Embedded) Leader(ctx context.Context) (int, error) {
+func (e *Cluster) Leader(ctx context.Context) (int, error) {
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -344,13 +350,13 @@ func (e *Embedded) Leader(ctx context.Context) (int, error) {
 		}
 		select {
 		case <-ctx.Done():
-			return -1, fmt.Errorf("coord: embedded etcd has no leader: %w", ctx.Err())
+			return -1, fmt.Errorf("embedded etcd: embedded etcd has no leader: %w", ctx.Err())
 		case <-tick.C:
 		}
 	}
 }
 
-func (e *Embedded) agreedLeader() (int, bool) {
+func (e *Cluster) agreedLeader() (int, bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	leader := -1
@@ -374,7 +380,7 @@ func (e *Embedded) agreedLeader() (int, bool) {
 }
 
 // StopLeader stops the current raft leader and returns its index.
-func (e *Embedded) StopLeader(ctx context.Context) (int, error) {
+func (e *Cluster) StopLeader(ctx context.Context) (int, error) {
 	i, err := e.Leader(ctx)
 	if err != nil {
 		return -1, err
@@ -382,9 +388,9 @@ func (e *Embedded) StopLeader(ctx context.Context) (int, error) {
 	return i, e.Stop(i)
 }
 
-// Close closes Embedded's own client, stops every member and removes what
+// Close closes the Cluster's own client, stops every member and removes what
 // it created. It is idempotent.
-func (e *Embedded) Close() error {
+func (e *Cluster) Close() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.closed {
@@ -402,7 +408,7 @@ func (e *Embedded) Close() error {
 	return errors.Join(errs...)
 }
 
-func (e *Embedded) stopAll() {
+func (e *Cluster) stopAll() {
 	var wg sync.WaitGroup
 	for _, m := range e.members {
 		if m.etcd == nil {
@@ -430,7 +436,7 @@ func freePorts(n int) ([]int, error) {
 	for i := 0; i < n; i++ {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
-			return nil, fmt.Errorf("coord: pick a free port: %w", err)
+			return nil, fmt.Errorf("embedded etcd: pick a free port: %w", err)
 		}
 		ls = append(ls, l)
 		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
@@ -443,7 +449,7 @@ func isAddrInUse(err error) bool {
 }
 
 // MemberDir returns the data directory of member i.
-func (e *Embedded) MemberDir(i int) string {
+func (e *Cluster) MemberDir(i int) string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.members[i].dir

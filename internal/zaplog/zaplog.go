@@ -1,4 +1,6 @@
-package coord
+// Package zaplog forwards the zap logs of etcd's client and server to an
+// hclog logger.
+package zaplog
 
 import (
 	"fmt"
@@ -9,11 +11,11 @@ import (
 	"go.uber.org/zap/zapcore"
 )
 
-// ZapLogger returns a zap logger that writes to logger, for the etcd
+// New returns a zap logger that writes to logger, for the etcd
 // client and server (which log through zap) so that their output lands where
 // the rest of baton's does. Entries below minLevel are dropped; a nil logger
 // gives a logger that writes nothing.
-func ZapLogger(logger hclog.Logger, minLevel zapcore.Level) *zap.Logger {
+func New(logger hclog.Logger, minLevel zapcore.Level) *zap.Logger {
 	if logger == nil {
 		return zap.NewNop()
 	}
