@@ -18,7 +18,7 @@ var (
 	ErrCorruptRecord = errors.New("coord: corrupt record")
 	// ErrInvalidConfig: a configuration field is out of range; the message
 	// names the field and its value.
-	ErrInvalidConfig = errors.New("coord: invalid configuration")
+	ErrInvalidConfig = errors.New("invalid configuration")
 	// ErrUnconfirmed: the session's guard deadline has passed; the server
 	// must not act as owner until a new round confirms its lease.
 	ErrUnconfirmed = errors.New("coord: lease unconfirmed")

@@ -46,10 +46,22 @@ type SessionConfig struct {
 	Logger hclog.Logger
 }
 
+// ValidateTTL says whether ttl can be a server's lease TTL: at least 1 s,
+// in whole seconds (etcd grants leases in seconds).
+func ValidateTTL(ttl time.Duration) error {
+	if ttl < time.Second {
+		return errors.New("must be at least 1s")
+	}
+	if ttl%time.Second != 0 {
+		return errors.New("must be a whole number of seconds: etcd grants leases in seconds")
+	}
+	return nil
+}
+
 func (c *SessionConfig) withDefaults() (SessionConfig, error) {
 	out := *c
 	if out.Client == nil {
-		return out, fmt.Errorf("%w: SessionConfig.Client is nil", ErrInvalidConfig)
+		return out, fmt.Errorf("coord: %w: SessionConfig.Client is nil", ErrInvalidConfig)
 	}
 	if out.Keys.prefix == "" {
 		out.Keys, _ = NewKeys("")
@@ -57,21 +69,18 @@ func (c *SessionConfig) withDefaults() (SessionConfig, error) {
 	if out.TTL == 0 {
 		out.TTL = 5 * time.Second
 	}
-	if out.TTL < time.Second {
-		return out, fmt.Errorf("%w: SessionConfig.TTL (%v) must be at least 1s", ErrInvalidConfig, out.TTL)
-	}
-	if out.TTL%time.Second != 0 {
-		return out, fmt.Errorf("%w: SessionConfig.TTL (%v) must be a whole number of seconds: etcd grants leases in seconds", ErrInvalidConfig, out.TTL)
+	if err := ValidateTTL(out.TTL); err != nil {
+		return out, fmt.Errorf("coord: %w: SessionConfig.TTL (%v): %v", ErrInvalidConfig, out.TTL, err)
 	}
 	if out.Margin < 0 {
-		return out, fmt.Errorf("%w: SessionConfig.Margin (%v) must not be negative", ErrInvalidConfig, out.Margin)
+		return out, fmt.Errorf("coord: %w: SessionConfig.Margin (%v) must not be negative", ErrInvalidConfig, out.Margin)
 	}
 	if out.RoundInterval < 0 {
-		return out, fmt.Errorf("%w: SessionConfig.RoundInterval (%v) must not be negative", ErrInvalidConfig, out.RoundInterval)
+		return out, fmt.Errorf("coord: %w: SessionConfig.RoundInterval (%v) must not be negative", ErrInvalidConfig, out.RoundInterval)
 	}
 	margin, interval := out.timings(out.TTL)
 	if interval >= out.TTL-margin {
-		return out, fmt.Errorf("%w: SessionConfig.RoundInterval (%v) must be shorter than TTL (%v) minus Margin (%v)",
+		return out, fmt.Errorf("coord: %w: SessionConfig.RoundInterval (%v) must be shorter than TTL (%v) minus Margin (%v)",
 			ErrInvalidConfig, interval, out.TTL, margin)
 	}
 	if out.Logger == nil {

@@ -51,15 +51,9 @@ func (realClock) AfterFunc(d time.Duration, f func()) interface{ Stop() bool } {
 	return time.AfterFunc(d, f)
 }
 
-// Config configures an Elector.
-type Config struct {
-	// ServerID names this server in owner records; it must be the id the
-	// server registered its membership under. Required.
-	ServerID string
-	// Protocols says where this server answers each protocol; HTTP is
-	// required. Workers are given ExternalAddress when it is set, else
-	// Address.
-	Protocols coord.Protocols
+// Tuning holds the elector's limits and timeouts: what a user may tune
+// without touching its wiring. server.Config takes it as is.
+type Tuning struct {
 	// PingTimeout bounds each ping of a foreign owner. Default 1 s.
 	PingTimeout time.Duration
 	// LockTimeout bounds waiting for an app's mutex in one attempt.
@@ -77,6 +71,49 @@ type Config struct {
 	// keeps a storm of elections — a server dying with thousands of apps
 	// — from starving the session's confirmation rounds. Default 16.
 	ElectionConcurrency int
+}
+
+// DefaultTuning returns the default limits and timeouts.
+func DefaultTuning() Tuning {
+	return Tuning{
+		PingTimeout:         time.Second,
+		LockTimeout:         5 * time.Second,
+		RetryTimes:          10,
+		RetryBase:           50 * time.Millisecond,
+		ElectionConcurrency: 16,
+	}
+}
+
+// Validate says which field, if any, is out of range (ErrInvalidConfig).
+func (t Tuning) Validate() error {
+	for _, f := range []struct {
+		name string
+		v    time.Duration
+	}{{"PingTimeout", t.PingTimeout}, {"LockTimeout", t.LockTimeout}, {"RetryBase", t.RetryBase}} {
+		if f.v < 0 {
+			return fmt.Errorf("election: %w: %s (%v) must be positive", ErrInvalidConfig, f.name, f.v)
+		}
+	}
+	if t.RetryTimes < 0 {
+		return fmt.Errorf("election: %w: RetryTimes (%d) must be positive", ErrInvalidConfig, t.RetryTimes)
+	}
+	if t.ElectionConcurrency < 0 {
+		return fmt.Errorf("election: %w: ElectionConcurrency (%d) must be positive", ErrInvalidConfig, t.ElectionConcurrency)
+	}
+	return nil
+}
+
+// Config configures an Elector.
+type Config struct {
+	// ServerID names this server in owner records; it must be the id the
+	// server registered its membership under. Required.
+	ServerID string
+	// Protocols says where this server answers each protocol; HTTP is
+	// required. Workers are given ExternalAddress when it is set, else
+	// Address.
+	Protocols coord.Protocols
+	// Tuning: zero fields take DefaultTuning's values.
+	Tuning
 	// Pinger pings foreign owners before taking an app from them. Nil
 	// means no ping: an owner whose key exists (its lease is alive in
 	// etcd) is always taken as alive.
@@ -95,17 +132,11 @@ type Config struct {
 // DefaultConfig returns a Config with every default filled in; set
 // ServerID and Protocols.
 func DefaultConfig() Config {
-	return Config{
-		PingTimeout:         time.Second,
-		LockTimeout:         5 * time.Second,
-		RetryTimes:          10,
-		RetryBase:           50 * time.Millisecond,
-		ElectionConcurrency: 16,
-	}
+	return Config{Tuning: DefaultTuning()}
 }
 
 func (c Config) withDefaults() (Config, error) {
-	d := DefaultConfig()
+	d := DefaultTuning()
 	if c.PingTimeout == 0 {
 		c.PingTimeout = d.PingTimeout
 	}
@@ -128,24 +159,13 @@ func (c Config) withDefaults() (Config, error) {
 		c.Logger = hclog.NewNullLogger()
 	}
 	if err := coord.ValidateName(c.ServerID); err != nil {
-		return c, fmt.Errorf("%w: ServerID (%q): %v", ErrInvalidConfig, c.ServerID, err)
+		return c, fmt.Errorf("election: %w: ServerID (%q): %v", ErrInvalidConfig, c.ServerID, err)
 	}
 	if err := c.Protocols.Validate(); err != nil {
-		return c, fmt.Errorf("%w: Protocols: %v", ErrInvalidConfig, err)
+		return c, fmt.Errorf("election: %w: Protocols: %v", ErrInvalidConfig, err)
 	}
-	for _, f := range []struct {
-		name string
-		v    time.Duration
-	}{{"PingTimeout", c.PingTimeout}, {"LockTimeout", c.LockTimeout}, {"RetryBase", c.RetryBase}} {
-		if f.v < 0 {
-			return c, fmt.Errorf("%w: %s (%v) must be positive", ErrInvalidConfig, f.name, f.v)
-		}
-	}
-	if c.RetryTimes < 0 {
-		return c, fmt.Errorf("%w: RetryTimes (%d) must be positive", ErrInvalidConfig, c.RetryTimes)
-	}
-	if c.ElectionConcurrency < 0 {
-		return c, fmt.Errorf("%w: ElectionConcurrency (%d) must be positive", ErrInvalidConfig, c.ElectionConcurrency)
+	if err := c.Tuning.Validate(); err != nil {
+		return c, err
 	}
 	return c, nil
 }

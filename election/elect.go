@@ -37,6 +37,9 @@ import (
 // fails with ErrNotReady while this server's guard is unconfirmed. It
 // blocks until it has an answer or ctx ends.
 func (e *Elector) Elect(ctx context.Context, app int64, protocol, currentServer string) (string, error) {
+	if e == nil {
+		return "", errNotStarted
+	}
 	if _, ok := e.cfg.Protocols[protocol]; !ok {
 		return "", fmt.Errorf("%w: %q (this server speaks %v)", ErrProtocol, protocol, e.protocolNames())
 	}

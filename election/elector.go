@@ -135,10 +135,20 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 }
 
 // Members returns the live-server set the elector follows.
-func (e *Elector) Members() *coord.Members { return e.members }
+func (e *Elector) Members() *coord.Members {
+	if e == nil {
+		return nil
+	}
+	return e.members
+}
 
 // Session returns the session the elector runs on.
-func (e *Elector) Session() *coord.Session { return e.session }
+func (e *Elector) Session() *coord.Session {
+	if e == nil {
+		return nil
+	}
+	return e.session
+}
 
 // requestProgress asks etcd for a progress notification on the open owner
 // watch's stream, bounded by the round's ctx: the stream is chosen by the
@@ -154,7 +164,12 @@ func (e *Elector) requestProgress(ctx context.Context) error {
 }
 
 // ServerID returns this server's id.
-func (e *Elector) ServerID() string { return e.cfg.ServerID }
+func (e *Elector) ServerID() string {
+	if e == nil {
+		return ""
+	}
+	return e.cfg.ServerID
+}
 
 // watchLoop follows the owner watch. A failed or closed watch (compaction,
 // leader loss) is answered with a full re-read and a new watch. After each
@@ -531,6 +546,9 @@ func (e *Elector) reclaim() {
 // over and writes nothing. The session is left open: close it afterwards
 // to revoke the lease. Close is idempotent.
 func (e *Elector) Close(ctx context.Context) error {
+	if e == nil {
+		return nil
+	}
 	e.mu.Lock()
 	if e.closed || e.draining {
 		e.mu.Unlock()

@@ -2,6 +2,7 @@ package election
 
 import (
 	"errors"
+	"fmt"
 
 	"github.com/batonhq/baton/coord"
 )
@@ -24,10 +25,15 @@ var (
 	ErrNotOwner = errors.New("election: not owner")
 	// ErrClosed: the elector was closed.
 	ErrClosed = errors.New("election: closed")
-	// ErrInvalidConfig: a Config field is out of range; the message names
-	// the field and its value.
-	ErrInvalidConfig = errors.New("election: invalid configuration")
+	// ErrInvalidConfig is coord.ErrInvalidConfig: a Config field is out
+	// of range; the message names the field and its value.
+	ErrInvalidConfig = coord.ErrInvalidConfig
 )
+
+// errNotStarted is what a nil *Elector answers — server.Node.Elector
+// before the node started — instead of panicking. It is ErrNotReady: the
+// server cannot act yet.
+var errNotStarted = fmt.Errorf("%w: not started", ErrNotReady)
 
 // Reason says why an ownership ended.
 type Reason string

@@ -28,6 +28,9 @@ var ErrNoSuccessor = errors.New("election: no other live server to hand over to"
 // retrying it in the background, once a second, until it succeeds or the
 // key changes; meanwhile this server does not own the app again.
 func (e *Elector) Resign(ctx context.Context, app int64) error {
+	if e == nil {
+		return errNotStarted
+	}
 	token, err := e.stopOwning(app)
 	if err != nil {
 		return err
@@ -74,6 +77,9 @@ func (e *Elector) deleteOwnerKeys(ctx context.Context, tokens map[int64]int64) e
 // resigning, when no other server is alive; returns ctx.Err() if the new
 // owner does not appear in time.
 func (e *Elector) HandOver(ctx context.Context, app int64) (string, error) {
+	if e == nil {
+		return "", errNotStarted
+	}
 	if e.successor(app, e.cfg.ServerID) == "" {
 		return "", fmt.Errorf("%w: app %d", ErrNoSuccessor, app)
 	}

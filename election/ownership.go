@@ -217,6 +217,9 @@ func (o Ownership) Context() context.Context { return o.ctx }
 
 // Owned returns the apps this server owns and acts for now, by app id.
 func (e *Elector) Owned() []Ownership {
+	if e == nil {
+		return nil
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	out := make([]Ownership, 0, len(e.mine))
@@ -235,6 +238,9 @@ func (o *ownership) view() Ownership {
 
 // Ownership returns this server's active ownership of app.
 func (e *Elector) Ownership(app int64) (Ownership, bool) {
+	if e == nil {
+		return Ownership{}, false
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if o := e.mine[app]; o != nil && o.active {
@@ -266,6 +272,9 @@ func (e *Elector) Fence(app int64) (clientv3.Cmp, error) {
 // is unconfirmed: then it cannot act for them, and nobody else may yet.
 // Wire it to a readiness or liveness probe.
 func (e *Elector) Healthy() error {
+	if e == nil {
+		return errNotStarted
+	}
 	e.mu.Lock()
 	n := len(e.mine)
 	e.mu.Unlock()

@@ -180,6 +180,9 @@ func (e *Elector) reconsiderOrphans() {
 // the owner this server's table shows. Workers that see the owner key
 // deleted make the same choice over the same set.
 func (e *Elector) Successor(app int64) (coord.ServerRecord, bool) {
+	if e == nil {
+		return coord.ServerRecord{}, false
+	}
 	e.mu.Lock()
 	current := e.table[app].rec.ServerID
 	e.mu.Unlock()

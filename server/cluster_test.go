@@ -13,6 +13,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/election"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
 )
@@ -151,19 +152,45 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		{server.Config{Client: e.Client(), Listen: ":0", Prefix: "nope"}, "Prefix (\"nope\")"},
 		{server.Config{Client: e.Client(), Listen: ":0", ServerID: "a\nb"}, "ServerID"},
 		{server.Config{Client: e.Client()}, "Listen is empty"},
+		{server.Config{Client: e.Client(), Listen: ":0", TTL: 300 * time.Millisecond}, "TTL (300ms)"},
+		{server.Config{Client: e.Client(), Listen: ":0", TTL: 1500 * time.Millisecond}, "TTL (1.5s)"},
+		{server.Config{Client: e.Client(), Listen: ":0", Election: election.Tuning{RetryTimes: -1}}, "RetryTimes (-1)"},
 	} {
-		if _, err := server.NewNode(tc.cfg); !errors.Is(err, server.ErrInvalidConfig) || !contains(err.Error(), tc.want) {
-			t.Errorf("NewNode: %v, want an error naming %q", err, tc.want)
+		// One sentinel for every package: errors.Is works whichever name
+		// the caller knows it by.
+		_, err := server.NewNode(tc.cfg)
+		for _, sentinel := range []error{server.ErrInvalidConfig, coord.ErrInvalidConfig, election.ErrInvalidConfig} {
+			if !errors.Is(err, sentinel) || !contains(err.Error(), tc.want) {
+				t.Errorf("NewNode: %v, want %v naming %q", err, sentinel, tc.want)
+			}
 		}
 	}
-	// A bad TTL surfaces at Start, from the session, naming the field.
+}
+
+// Before Start, a node's elector is nil and safe to use: actions answer
+// ErrNotReady, queries nothing.
+func TestElectorBeforeStartAnswersNotReady(t *testing.T) {
+	e := testutil.Etcd(t, 1)
 	cfg := server.DefaultConfig()
-	cfg.Client, cfg.Listen, cfg.TTL = e.Client(), "127.0.0.1:0", 300*time.Millisecond
+	cfg.Client, cfg.Listen = e.Client(), "127.0.0.1:0"
 	n, err := server.NewNode(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := n.Start(context.Background()); !errors.Is(err, coord.ErrInvalidConfig) || !contains(err.Error(), "TTL (300ms)") {
-		t.Fatalf("Start with TTL 300ms: %v", err)
+	el := n.Elector()
+	if _, err := el.Elect(context.Background(), 1, coord.ProtocolHTTP, ""); !errors.Is(err, election.ErrNotReady) {
+		t.Errorf("Elect before Start: %v, want ErrNotReady", err)
+	}
+	if _, err := el.HandOver(context.Background(), 1); !errors.Is(err, election.ErrNotReady) {
+		t.Errorf("HandOver before Start: %v, want ErrNotReady", err)
+	}
+	if err := el.Resign(context.Background(), 1); !errors.Is(err, election.ErrNotReady) {
+		t.Errorf("Resign before Start: %v, want ErrNotReady", err)
+	}
+	if _, err := el.Fence(1); err == nil {
+		t.Error("Fence before Start succeeded")
+	}
+	if len(el.Owned()) != 0 || el.Members() != nil {
+		t.Error("a node that has not started owns something or has members")
 	}
 }

@@ -3,7 +3,6 @@ package server
 import (
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"os"
 	"time"
@@ -16,9 +15,10 @@ import (
 	"github.com/batonhq/baton/election"
 )
 
-// ErrInvalidConfig: a Config field is out of range; the message names the
-// field and its value.
-var ErrInvalidConfig = errors.New("server: invalid configuration")
+// ErrInvalidConfig is coord.ErrInvalidConfig, the one error every baton
+// package returns for a configuration field out of range; the message
+// names the field and its value.
+var ErrInvalidConfig = coord.ErrInvalidConfig
 
 // Config configures a Node.
 type Config struct {
@@ -41,10 +41,10 @@ type Config struct {
 	// (loopback when listening on all interfaces — set it explicitly in a
 	// real deployment). ExternalAddress is what workers behind NAT get.
 	Protocols coord.Protocols
-	// Election tunes the elector: PingTimeout, LockTimeout, RetryTimes,
-	// RetryBase, ElectionConcurrency and Clock are used; the node sets
-	// the other fields itself.
-	Election election.Config
+	// Election tunes the elector; zero fields take the defaults of
+	// election.DefaultTuning. The node wires the rest of the elector
+	// (its id, protocols, pinger, callbacks, logger and metrics) itself.
+	Election election.Tuning
 	// Callbacks are this server's ownership callbacks (see
 	// election.Callbacks).
 	Callbacks election.Callbacks
@@ -81,29 +81,35 @@ func DefaultHTTPTimeouts() HTTPTimeouts {
 func DefaultConfig() Config {
 	return Config{
 		TTL:          5 * time.Second,
-		Election:     election.DefaultConfig(),
+		Election:     election.DefaultTuning(),
 		HTTPTimeouts: DefaultHTTPTimeouts(),
 	}
 }
 
 func (c Config) withDefaults() (Config, error) {
 	if c.Client == nil {
-		return c, fmt.Errorf("%w: Client is nil", ErrInvalidConfig)
+		return c, fmt.Errorf("server: %w: Client is nil", ErrInvalidConfig)
 	}
 	if _, err := coord.NewKeys(c.Prefix); err != nil {
-		return c, fmt.Errorf("%w: Prefix (%q): %v", ErrInvalidConfig, c.Prefix, err)
+		return c, fmt.Errorf("server: %w: Prefix (%q): %v", ErrInvalidConfig, c.Prefix, err)
 	}
 	if c.TTL == 0 {
 		c.TTL = 5 * time.Second
+	}
+	if err := coord.ValidateTTL(c.TTL); err != nil {
+		return c, fmt.Errorf("server: %w: TTL (%v): %v", ErrInvalidConfig, c.TTL, err)
+	}
+	if err := c.Election.Validate(); err != nil {
+		return c, fmt.Errorf("server: Election: %w", err)
 	}
 	if c.ServerID == "" {
 		c.ServerID = generatedID()
 	}
 	if err := coord.ValidateName(c.ServerID); err != nil {
-		return c, fmt.Errorf("%w: ServerID (%q): %v", ErrInvalidConfig, c.ServerID, err)
+		return c, fmt.Errorf("server: %w: ServerID (%q): %v", ErrInvalidConfig, c.ServerID, err)
 	}
 	if _, ok := c.Protocols[coord.ProtocolHTTP]; !ok && c.Listen == "" {
-		return c, fmt.Errorf("%w: Protocols has no %q address and Listen is empty: set one of them", ErrInvalidConfig, coord.ProtocolHTTP)
+		return c, fmt.Errorf("server: %w: Protocols has no %q address and Listen is empty: set one of them", ErrInvalidConfig, coord.ProtocolHTTP)
 	}
 	d := DefaultHTTPTimeouts()
 	t := &c.HTTPTimeouts
@@ -115,7 +121,7 @@ func (c Config) withDefaults() (Config, error) {
 			*f.v = f.def
 		}
 		if *f.v < 0 {
-			return c, fmt.Errorf("%w: HTTPTimeouts has a negative timeout (%v)", ErrInvalidConfig, *f.v)
+			return c, fmt.Errorf("server: %w: HTTPTimeouts has a negative timeout (%v)", ErrInvalidConfig, *f.v)
 		}
 	}
 	if t.MaxHeaderBytes == 0 {

@@ -132,7 +132,7 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 		}
 	}
 	if err := r.protocols.Validate(); err != nil {
-		return r, fmt.Errorf("%w: Protocols: %v", ErrInvalidConfig, err)
+		return r, fmt.Errorf("server: %w: Protocols: %v", ErrInvalidConfig, err)
 	}
 	register, err := coord.RegisterServer(n.cfg.Client, n.keys, coord.ServerRecord{
 		ServerID:  n.cfg.ServerID,
@@ -153,13 +153,15 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 	if err != nil {
 		return r, err
 	}
-	ecfg := n.cfg.Election
-	ecfg.ServerID = n.cfg.ServerID
-	ecfg.Protocols = r.protocols
-	ecfg.Pinger = HTTPPinger{}
-	ecfg.Callbacks = n.cfg.Callbacks
-	ecfg.Logger = n.cfg.Logger
-	ecfg.Registerer = n.cfg.Registerer
+	ecfg := election.Config{
+		ServerID:   n.cfg.ServerID,
+		Protocols:  r.protocols,
+		Tuning:     n.cfg.Election,
+		Pinger:     HTTPPinger{},
+		Callbacks:  n.cfg.Callbacks,
+		Logger:     n.cfg.Logger,
+		Registerer: n.cfg.Registerer,
+	}
 	if r.elector, err = election.New(ctx, r.session, ecfg); err != nil {
 		return r, err
 	}
@@ -213,7 +215,9 @@ func (n *Node) Addr() string {
 // ID returns the server id.
 func (n *Node) ID() string { return n.cfg.ServerID }
 
-// Elector returns the node's elector (nil before Start).
+// Elector returns the node's elector. Before Start it is nil, and every
+// method of a nil *Elector is safe: actions answer election.ErrNotReady,
+// queries answer nothing.
 func (n *Node) Elector() *election.Elector {
 	if r := n.run.Load(); r != nil {
 		return r.elector

@@ -15,9 +15,10 @@ import (
 	"github.com/batonhq/baton/coord"
 )
 
-// ErrInvalidConfig: a Config field is out of range; the message names the
-// field and its value.
-var ErrInvalidConfig = errors.New("worker: invalid configuration")
+// ErrInvalidConfig is coord.ErrInvalidConfig, the one error every baton
+// package returns for a configuration field out of range; the message
+// names the field and its value.
+var ErrInvalidConfig = coord.ErrInvalidConfig
 
 // ErrNoServer: no server could be found (Start without AllowLazyConnect).
 var ErrNoServer = errors.New("worker: no server available")
@@ -117,18 +118,18 @@ func DefaultConfig() Config {
 func (c Config) withDefaults() (Config, error) {
 	d := DefaultConfig()
 	if err := coord.ValidateName(c.AppName); err != nil {
-		return c, fmt.Errorf("%w: AppName (%q): %v", ErrInvalidConfig, c.AppName, err)
+		return c, fmt.Errorf("worker: %w: AppName (%q): %v", ErrInvalidConfig, c.AppName, err)
 	}
 	if len(c.Servers) == 0 && c.Client == nil {
-		return c, fmt.Errorf("%w: Servers is empty and Client is nil: give at least one", ErrInvalidConfig)
+		return c, fmt.Errorf("worker: %w: Servers is empty and Client is nil: give at least one", ErrInvalidConfig)
 	}
 	for _, s := range c.Servers {
 		if err := validHostPort(s); err != nil {
-			return c, fmt.Errorf("%w: Servers entry %q: %v", ErrInvalidConfig, s, err)
+			return c, fmt.Errorf("worker: %w: Servers entry %q: %v", ErrInvalidConfig, s, err)
 		}
 	}
 	if _, err := coord.NewKeys(c.Prefix); err != nil {
-		return c, fmt.Errorf("%w: Prefix (%q): %v", ErrInvalidConfig, c.Prefix, err)
+		return c, fmt.Errorf("worker: %w: Prefix (%q): %v", ErrInvalidConfig, c.Prefix, err)
 	}
 	if c.Protocol == "" {
 		c.Protocol = d.Protocol
@@ -149,7 +150,7 @@ func (c Config) withDefaults() (Config, error) {
 			*f.v = f.def
 		}
 		if *f.v < 0 {
-			return c, fmt.Errorf("%w: %s (%v) must be positive", ErrInvalidConfig, f.name, *f.v)
+			return c, fmt.Errorf("worker: %w: %s (%v) must be positive", ErrInvalidConfig, f.name, *f.v)
 		}
 	}
 	for _, f := range []struct {
@@ -161,11 +162,11 @@ func (c Config) withDefaults() (Config, error) {
 			*f.v = f.def
 		}
 		if *f.v < 0 {
-			return c, fmt.Errorf("%w: %s (%d) must be positive", ErrInvalidConfig, f.name, *f.v)
+			return c, fmt.Errorf("worker: %w: %s (%d) must be positive", ErrInvalidConfig, f.name, *f.v)
 		}
 	}
 	if c.PingTimeout > c.RequestTimeout {
-		return c, fmt.Errorf("%w: PingTimeout (%v) must not exceed RequestTimeout (%v)", ErrInvalidConfig, c.PingTimeout, c.RequestTimeout)
+		return c, fmt.Errorf("worker: %w: PingTimeout (%v) must not exceed RequestTimeout (%v)", ErrInvalidConfig, c.PingTimeout, c.RequestTimeout)
 	}
 	if c.Clock == nil {
 		c.Clock = realClock{}

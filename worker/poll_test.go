@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/worker"
 )
@@ -167,7 +168,7 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		{worker.Config{AppName: "a", Servers: []string{"h:1"}, MaxFailedRounds: -2}, "MaxFailedRounds (-2)"},
 		{worker.Config{AppName: "a", Servers: []string{"h:1"}, PingTimeout: 5 * time.Second, RequestTimeout: time.Second}, "PingTimeout (5s) must not exceed RequestTimeout (1s)"},
 	} {
-		if _, err := worker.New(tc.cfg); !errors.Is(err, worker.ErrInvalidConfig) || !contains(err.Error(), tc.want) {
+		if _, err := worker.New(tc.cfg); !errors.Is(err, worker.ErrInvalidConfig) || !errors.Is(err, coord.ErrInvalidConfig) || !contains(err.Error(), tc.want) {
 			t.Errorf("New: %v, want an error naming %q", err, tc.want)
 		}
 	}

@@ -86,14 +86,14 @@ func Start(cfg Config) (*Cluster, error) {
 		cfg.Members = 1
 	}
 	if cfg.Members != 1 && cfg.Members != 3 {
-		return nil, fmt.Errorf("%w: Config.Members (%d) must be 1 or 3", coord.ErrInvalidConfig, cfg.Members)
+		return nil, fmt.Errorf("embedded etcd: %w: Config.Members (%d) must be 1 or 3", coord.ErrInvalidConfig, cfg.Members)
 	}
 	if cfg.LogLevel == "" {
 		cfg.LogLevel = "warn"
 	}
 	var min zapcore.Level
 	if err := min.Set(cfg.LogLevel); err != nil {
-		return nil, fmt.Errorf("%w: Config.LogLevel (%q): %v", coord.ErrInvalidConfig, cfg.LogLevel, err)
+		return nil, fmt.Errorf("embedded etcd: %w: Config.LogLevel (%q): %v", coord.ErrInvalidConfig, cfg.LogLevel, err)
 	}
 	if cfg.StartTimeout == 0 {
 		cfg.StartTimeout = 30 * time.Second
@@ -150,7 +150,7 @@ func (e *Cluster) startAll() error {
 		}
 		m.dir = filepath.Join(e.dir, m.name)
 		if _, err := os.Stat(m.dir); err == nil {
-			return fmt.Errorf("%w: Config.Dir (%s) already holds etcd member data %s", coord.ErrInvalidConfig, e.dir, m.dir)
+			return fmt.Errorf("embedded etcd: %w: Config.Dir (%s) already holds etcd member data %s", coord.ErrInvalidConfig, e.dir, m.dir)
 		}
 		e.members = append(e.members, m)
 		cluster = append(cluster, m.name+"="+m.peerURL.String())
