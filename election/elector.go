@@ -112,6 +112,7 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 	e.takeover.init()
 	e.members, err = coord.WatchMembers(ctx, e.cli, e.keys, cfg.Logger)
 	if err != nil {
+		m.unregister()
 		return nil, err
 	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
@@ -121,6 +122,7 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 	if err != nil {
 		e.cancel()
 		e.members.Close()
+		m.unregister()
 		return nil, err
 	}
 	e.session.AttachWatch(e.requestProgress)
@@ -578,6 +580,7 @@ func (e *Elector) Close(ctx context.Context) error {
 	e.mu.Unlock()
 	e.calls.Wait()
 	e.members.Close()
+	e.metrics.unregister()
 	return err
 }
 

@@ -3,6 +3,7 @@ package election
 import (
 	"fmt"
 
+	"github.com/batonhq/baton/internal/metricset"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -14,6 +15,7 @@ type metrics struct {
 	depositions prometheus.Counter
 	owned       prometheus.Gauge
 	ownerGap    prometheus.Histogram
+	set         *metricset.Set
 }
 
 func newMetrics(reg prometheus.Registerer, serverID string) (*metrics, error) {
@@ -45,12 +47,20 @@ func newMetrics(reg prometheus.Registerer, serverID string) (*metrics, error) {
 			Buckets:     prometheus.ExponentialBuckets(0.001, 2, 14),
 		}),
 	}
-	for _, c := range []prometheus.Collector{m.elections, m.takeovers, m.depositions, m.owned, m.ownerGap} {
-		if err := reg.Register(c); err != nil {
-			return nil, fmt.Errorf("election: register metrics: %w", err)
-		}
+	set, err := metricset.Register(reg, m.elections, m.takeovers, m.depositions, m.owned, m.ownerGap)
+	if err != nil {
+		return nil, fmt.Errorf("election: register metrics: %w", err)
 	}
+	m.set = set
 	return m, nil
+}
+
+// unregister takes the metrics out of their registry (at Close), so that
+// an elector of the same server id can register them again.
+func (m *metrics) unregister() {
+	if m != nil {
+		m.set.Unregister()
+	}
 }
 
 func (m *metrics) election(outcome string) {

@@ -174,6 +174,7 @@ func (d *Discovery) Close() {
 	d.mu.Unlock()
 	d.cancel()
 	d.wg.Wait()
+	d.metrics.unregister()
 }
 
 // setCurrent switches to s (a zero Server means none), publishing the

@@ -3,6 +3,7 @@ package worker
 import (
 	"fmt"
 
+	"github.com/batonhq/baton/internal/metricset"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -14,6 +15,7 @@ type metrics struct {
 	changes  prometheus.Counter
 	isolates prometheus.Counter
 	watching prometheus.Gauge
+	set      *metricset.Set
 }
 
 func newMetrics(reg prometheus.Registerer, app string) (*metrics, error) {
@@ -31,12 +33,20 @@ func newMetrics(reg prometheus.Registerer, app string) (*metrics, error) {
 		isolates: prometheus.NewCounter(prometheus.CounterOpts(opts("isolations_total", "Times the worker became isolated."))),
 		watching: prometheus.NewGauge(prometheus.GaugeOpts(opts("watching", "1 while the worker follows the owner key in etcd, 0 while it polls."))),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.rounds, m.changes, m.isolates, m.watching} {
-		if err := reg.Register(c); err != nil {
-			return nil, fmt.Errorf("worker: register metrics: %w", err)
-		}
+	set, err := metricset.Register(reg, m.requests, m.rounds, m.changes, m.isolates, m.watching)
+	if err != nil {
+		return nil, fmt.Errorf("worker: register metrics: %w", err)
 	}
+	m.set = set
 	return m, nil
+}
+
+// unregister takes the metrics out of their registry (at Close), so that
+// a new Discovery of the same app can register them again.
+func (m *metrics) unregister() {
+	if m != nil {
+		m.set.Unregister()
+	}
 }
 
 func (m *metrics) request() {

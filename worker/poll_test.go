@@ -15,6 +15,7 @@ import (
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/worker"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 func TestPollingAsksTheCurrentServerOncePerRound(t *testing.T) {
@@ -296,4 +297,22 @@ func TestLazyStartDoesNotWaitForAHangingServer(t *testing.T) {
 		t.Errorf("lazy Start took %v with a hanging server; the round should run in the background", took)
 	}
 	d.Close()
+}
+
+// A Discovery closed and created again for the same app with the same
+// metrics registry registers its metrics again (they left with Close).
+func TestDiscoveryRecreatedWithOneRegistry(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	for i := 0; i < 3; i++ {
+		cfg := worker.DefaultConfig()
+		cfg.AppName, cfg.Servers, cfg.Registerer = "orders", []string{deadAddr(t)}, reg
+		d, err := worker.New(cfg)
+		if err != nil {
+			t.Fatalf("New #%d: %v", i+1, err)
+		}
+		d.Close()
+	}
+	if fams, _ := reg.Gather(); len(fams) != 0 {
+		t.Errorf("%d metric families left after Close", len(fams))
+	}
 }

@@ -1,0 +1,57 @@
+package server_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/testutil"
+	"github.com/batonhq/baton/server"
+)
+
+// A node closed and started again in the same process, with the same id
+// and the same metrics registry, starts (its metrics left the registry
+// with it) and counts afresh; so do a node killed and one that failed to
+// start.
+func TestNodeRestartsInOneProcessWithOneRegistry(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	reg := prometheus.NewRegistry()
+	app, err := coord.NewRegistry(e.Client(), mustKeys(t)).Register(context.Background(), "orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	withReg := func(c *server.Config) { c.Registerer = reg }
+	for round := 1; round <= 3; round++ {
+		n := startNode(t, e, "s1", withReg)
+		if _, err := n.Elector().Elect(context.Background(), app.ID, coord.ProtocolHTTP, ""); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		if got := testutil.Metric(t, reg, "baton_election_elections_total", "won"); got != 1 {
+			t.Fatalf("round %d: %v elections won in this node's metrics, want 1", round, got)
+		}
+		if round == 2 {
+			n.Kill()
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err := n.Close(ctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("round %d: Close: %v", round, err)
+		}
+	}
+	if fams, _ := reg.Gather(); len(fams) != 0 {
+		t.Errorf("%d metric families left in the registry after the last Close", len(fams))
+	}
+}
+
+func mustKeys(t testing.TB) coord.Keys {
+	keys, err := coord.NewKeys(coord.DefaultPrefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return keys
+}
