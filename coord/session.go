@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -44,6 +45,8 @@ type SessionConfig struct {
 	OnLease func(ctx context.Context, lease clientv3.LeaseID) error
 	// Logger receives the session's logs. Nil discards them.
 	Logger hclog.Logger
+	// Registerer, if set, receives the session's metrics until Close.
+	Registerer prometheus.Registerer
 }
 
 // ValidateTTL says whether ttl can be a server's lease TTL: at least 1 s,
@@ -106,11 +109,12 @@ func (c *SessionConfig) timings(ttl time.Duration) (margin, interval time.Durati
 // fresh lease by itself when etcd loses the old one. A Session is safe for
 // concurrent use; Close stops everything it started.
 type Session struct {
-	cfg    SessionConfig
-	cli    *clientv3.Client
-	logger hclog.Logger
-	clock  *bootClock
-	watch  watchTracker
+	cfg     SessionConfig
+	cli     *clientv3.Client
+	logger  hclog.Logger
+	clock   *bootClock
+	watch   watchTracker
+	metrics *sessionMetrics
 
 	ctx    context.Context // ends at Close
 	cancel context.CancelFunc
@@ -151,6 +155,9 @@ func NewSession(ctx context.Context, cfg SessionConfig) (*Session, error) {
 	// that Epoch() is never nil.
 	s.epoch = newEpoch(s.clock, 0, 0, 0)
 	s.epoch.end(ErrUnconfirmed)
+	if s.metrics, err = newSessionMetrics(cfg.Registerer, s); err != nil {
+		return nil, err
+	}
 
 	// Bind the setup to both the caller's ctx and Close.
 	setup, stop := context.WithCancel(s.ctx)
@@ -164,6 +171,7 @@ func NewSession(ctx context.Context, cfg SessionConfig) (*Session, error) {
 		}
 		s.revoke(rctx)
 		cancel()
+		s.metrics.unregister()
 		if ctx.Err() != nil && !errors.Is(err, ctx.Err()) {
 			err = fmt.Errorf("coord: new session: %w: %w", ctx.Err(), err)
 		}
@@ -304,12 +312,14 @@ func (s *Session) run() {
 		}
 		start := time.Now()
 		res := s.round(s.ctx)
+		s.metrics.round(time.Since(start), res.err == nil)
 		switch {
 		case res.err == nil:
 			s.apply(res)
 			next.Reset(max(s.interval()-time.Since(start), 0))
 		case errors.Is(res.err, ErrLeaseLost):
 			s.endEpoch(ErrLeaseLost)
+			s.metrics.leaseEnded("lost")
 			s.logger.Warn("lease lost, starting a new one", "lease", fmt.Sprintf("%x", res.lease))
 			if err := s.renew(); err != nil {
 				return // closed
@@ -317,6 +327,7 @@ func (s *Session) run() {
 			next.Reset(s.interval())
 		case s.stale(res):
 			s.giveUp(res.lease, res.err)
+			s.metrics.leaseEnded("given_up")
 			if err := s.renew(); err != nil {
 				return // closed
 			}
@@ -459,6 +470,7 @@ func (s *Session) guardFired() {
 	}
 	if s.epoch.Check() != nil {
 		s.epoch.end(ErrUnconfirmed)
+		s.metrics.guardFired()
 		s.logger.Warn("guard fired: lease unconfirmed, stop acting as owner", "lease", fmt.Sprintf("%x", s.epoch.lease))
 		return
 	}
@@ -570,6 +582,7 @@ func (s *Session) shutdown() bool {
 	s.mu.Unlock()
 	s.cancel()
 	s.wg.Wait()
+	s.metrics.unregister()
 	return true
 }
 

@@ -34,8 +34,8 @@ func TestSessionConfigErrorsNameTheField(t *testing.T) {
 		want string
 	}{
 		{coord.SessionConfig{}, "SessionConfig.Client is nil"},
-		{coord.SessionConfig{Client: e.Client(), TTL: 500 * time.Millisecond}, "SessionConfig.TTL (500ms) must be at least 1s"},
-		{coord.SessionConfig{Client: e.Client(), TTL: 1500 * time.Millisecond}, "SessionConfig.TTL (1.5s) must be a whole number of seconds"},
+		{coord.SessionConfig{Client: e.Client(), TTL: 500 * time.Millisecond}, "SessionConfig.TTL (500ms): must be at least 1s"},
+		{coord.SessionConfig{Client: e.Client(), TTL: 1500 * time.Millisecond}, "SessionConfig.TTL (1.5s): must be a whole number of seconds"},
 		{coord.SessionConfig{Client: e.Client(), Margin: -time.Second}, "SessionConfig.Margin (-1s) must not be negative"},
 		{coord.SessionConfig{Client: e.Client(), TTL: 2 * time.Second, RoundInterval: 1900 * time.Millisecond}, "SessionConfig.RoundInterval (1.9s) must be shorter than TTL (2s) minus Margin (200ms)"},
 	} {

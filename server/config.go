@@ -57,7 +57,9 @@ type Config struct {
 	HTTPTimeouts HTTPTimeouts
 	// Logger receives the node's logs; nil discards them.
 	Logger hclog.Logger
-	// Registerer, if set, receives the elector's metrics.
+	// Registerer, if set, receives the node's metrics — the elector's,
+	// the session's and the HTTP API's, listed in the package
+	// documentation — from Start until Close or Kill.
 	Registerer prometheus.Registerer
 }
 

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/election"
@@ -57,6 +58,7 @@ type running struct {
 	listener  net.Listener
 	http      *http.Server
 	serveDone chan struct{}
+	metrics   *httpMetrics
 }
 
 // NewNode validates cfg and returns a node that is not started yet. Its
@@ -143,12 +145,20 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 	if err != nil {
 		return r, err
 	}
+	var sessionReg prometheus.Registerer
+	if n.cfg.Registerer != nil {
+		sessionReg = prometheus.WrapRegistererWith(prometheus.Labels{"server_id": n.cfg.ServerID}, n.cfg.Registerer)
+		if r.metrics, err = newHTTPMetrics(sessionReg); err != nil {
+			return r, err
+		}
+	}
 	r.session, err = coord.NewSession(ctx, coord.SessionConfig{
-		Client:  n.cfg.Client,
-		Keys:    n.keys,
-		TTL:     n.cfg.TTL,
-		OnLease: register,
-		Logger:  n.cfg.Logger,
+		Client:     n.cfg.Client,
+		Keys:       n.keys,
+		TTL:        n.cfg.TTL,
+		OnLease:    register,
+		Logger:     n.cfg.Logger,
+		Registerer: sessionReg,
 	})
 	if err != nil {
 		return r, err
@@ -360,6 +370,7 @@ func (n *Node) Kill() {
 	gone, cancel := context.WithCancel(context.Background())
 	cancel() // no time to hand anything over or leave membership
 	r.elector.Close(gone)
+	r.metrics.unregister()
 }
 
 // release closes what start opened, in reverse order: for a started node
@@ -380,6 +391,7 @@ func (n *Node) release(ctx context.Context, r *running) error {
 		if r.listener != nil {
 			r.listener.Close()
 		}
+		r.metrics.unregister()
 		return errors.Join(errs...)
 	}
 	drain, cancel := leaveRoom(ctx, releaseShare)
@@ -394,5 +406,6 @@ func (n *Node) release(ctx context.Context, r *running) error {
 		}
 		<-r.serveDone
 	}
+	r.metrics.unregister()
 	return err
 }

@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"net/http"
 	"testing"
 	"time"
 
@@ -32,12 +33,23 @@ func TestNodeRestartsInOneProcessWithOneRegistry(t *testing.T) {
 		if got := testutil.Metric(t, reg, "baton_election_elections_total", "won"); got != 1 {
 			t.Fatalf("round %d: %v elections won in this node's metrics, want 1", round, got)
 		}
+		if got := testutil.Metric(t, reg, "baton_session_confirmed", ""); got != 1 {
+			t.Fatalf("round %d: baton_session_confirmed = %v, want 1", round, got)
+		}
+		resp, err := http.Get("http://" + n.Addr() + "/server/hello")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if got := testutil.Metric(t, reg, "baton_http_requests_total", "/server/hello"); got != 1 {
+			t.Fatalf("round %d: %v requests to /server/hello counted, want 1", round, got)
+		}
 		if round == 2 {
 			n.Kill()
 			continue
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		err := n.Close(ctx)
+		err = n.Close(ctx)
 		cancel()
 		if err != nil {
 			t.Fatalf("round %d: Close: %v", round, err)
