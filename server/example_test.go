@@ -6,8 +6,8 @@ import (
 	"time"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/coord/embedded"
 	"github.com/batonhq/baton/election"
-	"github.com/batonhq/baton/internal/etcdcluster"
 	"github.com/batonhq/baton/server"
 )
 
@@ -15,7 +15,7 @@ import (
 // address to listen on, and callbacks that start and stop your work for
 // each app it owns.
 func Example() {
-	etcd, _ := etcdcluster.Start(etcdcluster.Config{}) // your cluster in production
+	etcd, _ := embedded.Start(embedded.Config{}) // your cluster in production
 	defer etcd.Close()
 	ctx := context.Background()
 	events := make(chan string, 2)

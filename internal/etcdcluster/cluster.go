@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -77,6 +78,9 @@ type member struct {
 	peerURL    url.URL
 	etcd       *embed.Etcd // nil while stopped
 	startCount int
+	// stopping quiets the member's logs while it is stopped on purpose:
+	// etcd reports each listener it closes as an error.
+	stopping atomic.Bool
 }
 
 // Start starts the cluster and returns once it has a leader and
@@ -106,7 +110,7 @@ func Start(cfg Config) (*Cluster, error) {
 	if e.dir == "" {
 		dir, err := os.MkdirTemp("", "baton-etcd-")
 		if err != nil {
-			return nil, fmt.Errorf("embedded etcd: embedded etcd data directory: %w", err)
+			return nil, fmt.Errorf("embedded etcd: data directory: %w", err)
 		}
 		e.dir = dir
 		e.created = append(e.created, dir)
@@ -184,9 +188,9 @@ func (e *Cluster) startMembers(initialCluster string) error {
 		select {
 		case <-m.etcd.Server.ReadyNotify():
 		case err := <-m.etcd.Err():
-			return fmt.Errorf("embedded etcd: embedded etcd member %s: %w", m.name, err)
+			return fmt.Errorf("embedded etcd: member %s: %w", m.name, err)
 		case <-timeout.C:
-			return fmt.Errorf("embedded etcd: embedded etcd did not become ready within %v", e.cfg.StartTimeout)
+			return fmt.Errorf("embedded etcd: did not become ready within %v", e.cfg.StartTimeout)
 		}
 	}
 	return nil
@@ -205,7 +209,8 @@ func (e *Cluster) startMember(m *member, initialCluster string) error {
 	c.LogLevel = e.cfg.LogLevel
 	var min zapcore.Level
 	_ = min.Set(e.cfg.LogLevel) // validated in Start
-	c.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zaplog.New(e.logger.Named("etcd").With("member", m.name), min))
+	m.stopping.Store(false)
+	c.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zaplog.NewQuietable(e.logger.Named("etcd").With("member", m.name), min, m.stopping.Load))
 	if m.startCount > 0 {
 		c.ClusterState = embed.ClusterStateFlagExisting
 	}
@@ -264,14 +269,15 @@ func (e *Cluster) Stop(i int) error {
 	e.mu.Lock()
 	if i < 0 || i >= len(e.members) {
 		e.mu.Unlock()
-		return fmt.Errorf("embedded etcd: no embedded etcd member %d", i)
+		return fmt.Errorf("embedded etcd: no member %d", i)
 	}
 	m := e.members[i]
 	etcd := m.etcd
 	m.etcd = nil
+	m.stopping.Store(true)
 	e.mu.Unlock()
 	if etcd == nil {
-		return fmt.Errorf("embedded etcd: embedded etcd member %d is already stopped", i)
+		return fmt.Errorf("embedded etcd: member %d is already stopped", i)
 	}
 	etcd.Close()
 	return nil
@@ -292,6 +298,7 @@ func (e *Cluster) StopAll() {
 		if m.etcd != nil {
 			stopping = append(stopping, m.etcd)
 			m.etcd = nil
+			m.stopping.Store(true)
 		}
 	}
 	e.mu.Unlock()
@@ -312,12 +319,12 @@ func (e *Cluster) Restart(ctx context.Context, i int) error {
 	e.mu.Lock()
 	if i < 0 || i >= len(e.members) {
 		e.mu.Unlock()
-		return fmt.Errorf("embedded etcd: no embedded etcd member %d", i)
+		return fmt.Errorf("embedded etcd: no member %d", i)
 	}
 	m := e.members[i]
 	if m.etcd != nil {
 		e.mu.Unlock()
-		return fmt.Errorf("embedded etcd: embedded etcd member %d is running", i)
+		return fmt.Errorf("embedded etcd: member %d is running", i)
 	}
 	var cluster []string
 	for _, o := range e.members {
@@ -333,7 +340,7 @@ func (e *Cluster) Restart(ctx context.Context, i int) error {
 	case <-etcd.Server.ReadyNotify():
 		return nil
 	case err := <-etcd.Err():
-		return fmt.Errorf("embedded etcd: embedded etcd member %d: %w", i, err)
+		return fmt.Errorf("embedded etcd: member %d: %w", i, err)
 	case <-ctx.Done():
 		return ctx.Err()
 	}
@@ -350,7 +357,7 @@ func (e *Cluster) Leader(ctx context.Context) (int, error) {
 		}
 		select {
 		case <-ctx.Done():
-			return -1, fmt.Errorf("embedded etcd: embedded etcd has no leader: %w", ctx.Err())
+			return -1, fmt.Errorf("embedded etcd: has no leader: %w", ctx.Err())
 		case <-tick.C:
 		}
 	}
@@ -414,11 +421,8 @@ func (e *Cluster) stopAll() {
 		if m.etcd == nil {
 			continue
 		}
-		wg.Add(1)
-		go func(etcd *embed.Etcd) {
-			defer wg.Done()
-			etcd.Close()
-		}(m.etcd)
+		m.stopping.Store(true)
+		wg.Go(m.etcd.Close)
 		m.etcd = nil
 	}
 	wg.Wait()

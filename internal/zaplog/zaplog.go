@@ -16,21 +16,40 @@ import (
 // the rest of baton's does. Entries below minLevel are dropped; a nil logger
 // gives a logger that writes nothing.
 func New(logger hclog.Logger, minLevel zapcore.Level) *zap.Logger {
+	return NewQuietable(logger, minLevel, nil)
+}
+
+// NewQuietable is New, except that while quiet returns true every entry
+// is logged at debug level: an etcd server being shut down on purpose
+// reports its closing listeners as errors.
+func NewQuietable(logger hclog.Logger, minLevel zapcore.Level, quiet func() bool) *zap.Logger {
 	if logger == nil {
 		return zap.NewNop()
 	}
-	return zap.New(&hclogCore{logger: logger, min: minLevel})
+	if quiet == nil {
+		quiet = func() bool { return false }
+	}
+	return zap.New(&hclogCore{logger: logger, min: minLevel, quiet: quiet})
 }
 
 // hclogCore is a zapcore.Core that forwards entries to an hclog logger.
 type hclogCore struct {
 	logger hclog.Logger
 	min    zapcore.Level
+	quiet  func() bool
 	fields []zapcore.Field
 }
 
+// level is the hclog level an entry of level l is logged at.
+func (c *hclogCore) level(l zapcore.Level) hclog.Level {
+	if c.quiet() {
+		return hclog.Debug
+	}
+	return hclogLevel(l)
+}
+
 func (c *hclogCore) Enabled(l zapcore.Level) bool {
-	return l >= c.min && c.logger.GetLevel() <= hclogLevel(l)
+	return l >= c.min && c.logger.GetLevel() <= c.level(l)
 }
 
 func (c *hclogCore) With(fields []zapcore.Field) zapcore.Core {
@@ -70,7 +89,7 @@ func (c *hclogCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
 		}
 		args = append(args, k, v)
 	}
-	c.logger.Log(hclogLevel(e.Level), e.Message, args...)
+	c.logger.Log(c.level(e.Level), e.Message, args...)
 	return nil
 }
 
