@@ -1,0 +1,94 @@
+package worker
+
+import (
+	"context"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/batonhq/baton/coord"
+)
+
+// roundInput is what a discovery round starts from.
+type roundInput struct {
+	current   Server
+	prevOwner string // the owner that just left, not to be asked first
+	useEtcd   bool   // etcd answers: ask the live servers it lists first
+}
+
+// round asks servers for the app's owner, in order: with etcd, the live
+// servers ranked for the app (its successor first, the owner that left
+// excluded); without, the current server; then the configured servers.
+// It resolves the app first if that is still to do.
+func (d *Discovery) round(ctx context.Context, in roundInput) (Server, bool) {
+	if err := d.resolveApp(ctx, in.useEtcd); err != nil {
+		d.logger.Debug("round: app not resolved", "error", err)
+		d.metrics.round(false)
+		return Server{}, false
+	}
+	for _, c := range d.candidates(ctx, in) {
+		addr, err := d.api.acquire(ctx, c, d.AppID(), in.current.Address)
+		if err == nil {
+			d.metrics.round(true)
+			return Server{Address: addr}, true
+		}
+		d.logger.Debug("round: server did not answer", "server", c, "error", err)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	d.metrics.round(false)
+	return Server{}, false
+}
+
+func (d *Discovery) candidates(ctx context.Context, in roundInput) []string {
+	var out []string
+	seen := map[string]bool{}
+	add := func(a string) {
+		if a != "" && !seen[a] {
+			seen[a] = true
+			out = append(out, a)
+		}
+	}
+	if in.useEtcd {
+		for _, a := range d.rankedServers(ctx, in.prevOwner) {
+			add(a)
+		}
+	} else {
+		add(in.current.Address)
+	}
+	for _, s := range d.servers {
+		add(s)
+	}
+	return out
+}
+
+// rankedServers lists the live servers' HTTP addresses in the app's
+// successor order, without exclude.
+func (d *Discovery) rankedServers(ctx context.Context, exclude string) []string {
+	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
+	defer cancel()
+	resp, err := d.cfg.Client.Get(ctx, d.keys.ServerPrefix(), clientv3.WithPrefix())
+	if err != nil {
+		return nil
+	}
+	byID := map[string]string{}
+	var ids []string
+	for _, kv := range resp.Kvs {
+		rec, err := coord.DecodeServerRecord(kv.Value)
+		if err != nil || rec.ServerID == exclude {
+			continue
+		}
+		ep := rec.Protocols[coord.ProtocolHTTP]
+		addr := ep.Address
+		if ep.ExternalAddress != "" {
+			addr = ep.ExternalAddress
+		}
+		byID[rec.ServerID] = addr
+		ids = append(ids, rec.ServerID)
+	}
+	var out []string
+	for _, id := range coord.Rank(d.AppID(), ids) {
+		out = append(out, byID[id])
+	}
+	return out
+}
