@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/http"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -42,7 +43,8 @@ type Discovery struct {
 	api      *httpAPI
 	registry *coord.Registry // nil without a client
 	metrics  *metrics
-	servers  []string // Config.Servers, shuffled once
+	servers  []string     // Config.Servers, shuffled once
+	ownHTTP  *http.Client // the HTTP client the Discovery made (no Config.HTTPClient), closed with it
 
 	current atomic.Pointer[Server]
 	appID   atomic.Int64
@@ -84,6 +86,7 @@ func New(cfg Config) (*Discovery, error) {
 	client := cfg.HTTPClient
 	if client == nil {
 		client = newHTTPClient(cfg.PingTimeout)
+		d.ownHTTP = client
 	}
 	d.api = &httpAPI{client: client, timeout: cfg.RequestTimeout, tries: cfg.Tries, pause: cfg.TryPause, protocol: cfg.Protocol, requests: m.request}
 	if cfg.Client != nil {
@@ -175,6 +178,9 @@ func (d *Discovery) Close() {
 	d.cancel()
 	d.wg.Wait()
 	d.metrics.unregister()
+	if d.ownHTTP != nil {
+		d.ownHTTP.CloseIdleConnections()
+	}
 }
 
 // setCurrent switches to s (a zero Server means none), publishing the

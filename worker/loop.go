@@ -4,12 +4,10 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
-	"strconv"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/connectivity"
-	"google.golang.org/grpc/metadata"
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/backoff"
@@ -76,7 +74,6 @@ type loop struct {
 	resyncing    bool
 	resyncAt     <-chan time.Time
 	resyncTries  int
-	stream       int       // see watchContext
 	troubleSince time.Time // etcd has failed the worker since; zero while it serves
 	polling      bool      // ask the servers every Interval
 
@@ -246,28 +243,22 @@ func (l *loop) startResync() {
 		return
 	}
 	l.resyncing = true
-	d, stream := l.d, l.stream
-	d.wg.Go(func() { l.resyncs <- d.resync(stream) })
+	d := l.d
+	d.wg.Go(func() { l.resyncs <- d.resync() })
 }
 
-// watchContext is the context of a watch on gRPC stream number stream.
-// The etcd client multiplexes every watch whose context carries the same
-// metadata on one stream; a stream that stalled (requests lost on a
-// half-open connection that gRPC still calls ready) takes every later
-// watch down with it. After a failure the worker moves to a new stream.
-func (d *Discovery) watchContext(stream int) (context.Context, context.CancelFunc) {
-	ctx := clientv3.WithRequireLeader(d.ctx)
-	if stream > 0 {
-		ctx = metadata.AppendToOutgoingContext(ctx, "baton-watch-stream", strconv.Itoa(stream))
-	}
-	return context.WithCancel(ctx)
-}
-
-func (d *Discovery) resync(stream int) resyncOutcome {
+// resync watches the owner key and reads it. Every watch shares the
+// etcd client's one require-leader stream: a watch on a stream of its own
+// would stay in the client, with its goroutine, until the client closes
+// if the connection broke before etcd created it. A stream that stalls
+// with its connection recovers when gRPC's keepalive resets the
+// connection (about 12 s with coord.ClientConfig); meanwhile, and for
+// good with a client built without keepalive, the worker polls.
+func (d *Discovery) resync() resyncOutcome {
 	if err := d.resolveAppInEtcd(d.ctx); err != nil {
 		return resyncOutcome{err: err}
 	}
-	ctx, cancel := d.watchContext(stream)
+	ctx, cancel := context.WithCancel(clientv3.WithRequireLeader(d.ctx))
 	// Watch itself blocks while the client's stream cannot take the
 	// request (a dead connection): cancelling ctx is what bounds it.
 	giveUp := time.AfterFunc(d.cfg.RequestTimeout, cancel)
@@ -315,7 +306,6 @@ func (l *loop) resynced(out resyncOutcome) {
 		} else {
 			d.logger.Debug("could not watch the owner key", "error", out.err, "tries", l.resyncTries)
 			l.troubled()
-			l.stream++
 		}
 		l.scheduleResync()
 		return
@@ -405,7 +395,6 @@ func (l *loop) checked(c checkOutcome) {
 	if c.err != nil {
 		d.logger.Warn("etcd did not answer the owner key's re-check; watching again", "error", c.err)
 		l.leaveWatch()
-		l.stream++
 		l.troubled()
 		l.scheduleResync()
 		return
@@ -414,7 +403,6 @@ func (l *loop) checked(c checkOutcome) {
 		d.logger.Warn("the owner key changed without the watch showing it; watching again",
 			"watched_mod_revision", l.known.modRev, "read_mod_revision", c.read.modRev)
 		l.leaveWatch()
-		l.stream++
 		l.startResync()
 	}
 }
@@ -462,11 +450,12 @@ func (l *loop) report(addr string) {
 	l.roundAt = d.cfg.Clock.After(pause)
 }
 
-// finished takes a round's result. While etcd serves the worker, it alone
+// finished takes a round's result. Unless the worker polls, etcd alone
 // says who the owner is: the round has made the server asked elect an
-// owner if there was none, and that owner's put arrives on the watch; an
-// HTTP answer — a deposed owner's stale table, say — never overrides it.
-// While polling, the answer is the server. A failed round counts towards
+// owner if there was none, and that owner's put arrives on the watch (or
+// in the read that starts the next one); an HTTP answer — a deposed
+// owner's stale table, say — never overrides it. While polling (etcd has
+// failed the worker for EtcdGrace), the answer is the server. A failed round counts towards
 // isolation, and the MaxFailedRounds-th in a row calls OnIsolated.
 func (l *loop) finished(out roundOutcome) {
 	d := l.d
@@ -476,7 +465,7 @@ func (l *loop) finished(out roundOutcome) {
 	}
 	if out.ok {
 		l.failed = 0
-		if l.watchCh == nil && out.gen == l.gen {
+		if l.polling && out.gen == l.gen {
 			if cur, _ := d.Current(); cur.Address != out.server.Address {
 				d.setCurrent(out.server) // the same address keeps what etcd said of it
 			}

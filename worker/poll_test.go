@@ -16,6 +16,8 @@ import (
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/worker"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.etcd.io/etcd/pkg/v3/proxy"
+	"google.golang.org/grpc/connectivity"
 )
 
 func TestPollingAsksTheCurrentServerOncePerRound(t *testing.T) {
@@ -71,52 +73,73 @@ func TestReportUnreachableStartsARoundAtOnce(t *testing.T) {
 	w.wait(t, 5*time.Second, "the worker to move", func() bool { return w.current() == n2.Addr() })
 }
 
+// A worker cut off from etcd polls (its re-check fails, and after
+// EtcdGrace it asks the servers), follows a handover by polling, and
+// watches again when the cut heals: a partition that TCP rides out (the
+// proxy holds the bytes and delivers them late), and one that lasts
+// until gRPC's keepalive resets the connection (the proxy drops them).
 func TestEtcdCutOffFallsBackToPollingAndBack(t *testing.T) {
-	e := testutil.Etcd(t, 1)
-	n1 := startNode(t, e, "s1", "127.0.0.1:0")
-	n2 := startNode(t, e, "s2", "127.0.0.1:0")
-	app := register(t, e.Client(), "orders")
-	elect(t, n1, app)
+	for _, tc := range []struct {
+		name      string
+		cut, heal func(proxy.Server)
+		// untilReset: keep the cut until the client's connection is
+		// no longer ready (keepalive: about 12 s).
+		untilReset bool
+	}{
+		{"held", func(p proxy.Server) { p.PauseTx(); p.PauseRx() }, func(p proxy.Server) { p.UnpauseTx(); p.UnpauseRx() }, false},
+		{"dropped", func(p proxy.Server) { p.BlackholeTx(); p.BlackholeRx() }, func(p proxy.Server) { p.UnblackholeTx(); p.UnblackholeRx() }, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := testutil.Etcd(t, 1)
+			n1 := startNode(t, e, "s1", "127.0.0.1:0")
+			n2 := startNode(t, e, "s2", "127.0.0.1:0")
+			app := register(t, e.Client(), "orders")
+			elect(t, n1, app)
 
-	p, url := testutil.Proxy(t, e.Endpoint(0))
-	cli := testutil.Client(t, e, url)
-	w := startWorker(t, "orders", func(c *worker.Config) {
-		c.Client = cli
-		c.Servers = []string{n1.Addr(), n2.Addr()}
-		c.Interval = 200 * time.Millisecond
-		c.EtcdGrace = time.Second
-	})
-	if w.current() != n1.Addr() {
-		t.Fatal("worker did not start at s1")
-	}
-	testutil.Eventually(t, 5*time.Second, "the worker to watch", func() bool {
-		return w.metric(t, "baton_worker_watching", "") == 1
-	})
-	p.BlackholeTx()
-	p.BlackholeRx()
-	// gRPC notices the dead connection after its keepalive (10 s + 2 s);
-	// then, EtcdGrace later, the worker polls. It keeps its server.
-	testutil.Eventually(t, 30*time.Second, "the worker to fall back to polling", func() bool {
-		return w.metric(t, "baton_worker_watching", "") == 0
-	})
-	if w.current() != n1.Addr() {
-		t.Fatalf("worker lost its server when etcd went away: %q", w.current())
-	}
-	// The owner moves; the worker learns it over HTTP.
-	if _, err := n1.Elector().HandOver(context.Background(), app); err != nil {
-		t.Fatal(err)
-	}
-	w.wait(t, 10*time.Second, "the worker to follow by polling", func() bool { return w.current() == n2.Addr() })
+			p, url := testutil.Proxy(t, e.Endpoint(0))
+			cli := testutil.Client(t, e, url)
+			w := startWorker(t, "orders", func(c *worker.Config) {
+				c.Client = cli
+				c.Servers = []string{n1.Addr(), n2.Addr()}
+				c.Interval = 200 * time.Millisecond
+				c.EtcdGrace = time.Second
+			})
+			if w.current() != n1.Addr() {
+				t.Fatal("worker did not start at s1")
+			}
+			testutil.Eventually(t, 5*time.Second, "the worker to watch", func() bool {
+				return w.metric(t, "baton_worker_watching", "") == 1
+			})
+			tc.cut(p)
+			// The re-check fails within Interval + RequestTimeout; EtcdGrace
+			// later the worker polls. It keeps its server.
+			testutil.Eventually(t, 30*time.Second, "the worker to fall back to polling", func() bool {
+				return w.metric(t, "baton_worker_watching", "") == 0
+			})
+			if w.current() != n1.Addr() {
+				t.Fatalf("worker lost its server when etcd went away: %q", w.current())
+			}
+			// The owner moves; the worker learns it over HTTP.
+			if _, err := n1.Elector().HandOver(context.Background(), app); err != nil {
+				t.Fatal(err)
+			}
+			w.wait(t, 10*time.Second, "the worker to follow by polling", func() bool { return w.current() == n2.Addr() })
+			if tc.untilReset {
+				testutil.Eventually(t, 30*time.Second, "gRPC to reset the connection", func() bool {
+					return cli.ActiveConnection().GetState() != connectivity.Ready
+				})
+			}
 
-	p.UnblackholeTx()
-	p.UnblackholeRx()
-	testutil.Eventually(t, 30*time.Second, "the worker to watch again", func() bool {
-		return w.metric(t, "baton_worker_watching", "") == 1
-	})
-	if _, err := n2.Elector().HandOver(context.Background(), app); err != nil {
-		t.Fatal(err)
+			tc.heal(p)
+			testutil.Eventually(t, 30*time.Second, "the worker to watch again", func() bool {
+				return w.metric(t, "baton_worker_watching", "") == 1
+			})
+			if _, err := n2.Elector().HandOver(context.Background(), app); err != nil {
+				t.Fatal(err)
+			}
+			w.wait(t, 5*time.Second, "the worker to follow by watching", func() bool { return w.current() == n1.Addr() })
+		})
 	}
-	w.wait(t, 5*time.Second, "the worker to follow by watching", func() bool { return w.current() == n1.Addr() })
 }
 
 func TestLazyConnectFindsAServerThatAppearsLater(t *testing.T) {
