@@ -2,7 +2,11 @@ package coord
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
+	"net/url"
+	"sync"
 	"time"
 
 	"github.com/batonhq/baton/internal/zaplog"
@@ -11,6 +15,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/connectivity"
 )
 
 // ClientConfig returns the etcd client settings baton recommends for a
@@ -51,17 +56,71 @@ func ClientConfig(endpoints []string, logger hclog.Logger) clientv3.Config {
 // Dial creates a client with ClientConfig and makes sure etcd answers a
 // linearizable read before ctx ends: clientv3.New does not block, so an
 // unreachable cluster would otherwise only show up at the first call.
-// The caller owns the returned client and closes it.
+// When no endpoint accepts connections (nothing listens there, say) it
+// fails within about a second with the dial error, rather than waiting
+// for ctx. The caller owns the returned client and closes it.
 func Dial(ctx context.Context, endpoints []string, logger hclog.Logger) (*clientv3.Client, error) {
 	cli, err := clientv3.New(ClientConfig(endpoints, logger))
 	if err != nil {
 		return nil, fmt.Errorf("coord: etcd client for %v: %w", endpoints, err)
 	}
-	if err := Probe(ctx, cli); err != nil {
+	probe, stop := context.WithCancelCause(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() { failIfUnreachable(probe, stop, cli, endpoints) })
+	err = Probe(probe, cli)
+	stop(nil)
+	wg.Wait()
+	if err != nil {
 		cli.Close()
+		if cause := context.Cause(probe); ctx.Err() == nil && cause != nil && !errors.Is(cause, context.Canceled) {
+			return nil, cause
+		}
 		return nil, err
 	}
 	return cli, nil
+}
+
+// failIfUnreachable ends probe with a clear error once the client's
+// connection has been failing for a second and no endpoint accepts a TCP
+// connection.
+func failIfUnreachable(probe context.Context, stop context.CancelCauseFunc, cli *clientv3.Client, endpoints []string) {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	var failingSince time.Time
+	for {
+		select {
+		case <-probe.Done():
+			return
+		case <-tick.C:
+		}
+		if cli.ActiveConnection().GetState() != connectivity.TransientFailure {
+			failingSince = time.Time{}
+			continue
+		}
+		if failingSince.IsZero() {
+			failingSince = time.Now()
+		}
+		if time.Since(failingSince) < time.Second {
+			continue
+		}
+		var errs []error
+		for _, ep := range endpoints {
+			host := ep
+			if u, err := url.Parse(ep); err == nil && u.Host != "" {
+				host = u.Host
+			}
+			c, err := (&net.Dialer{Timeout: 500 * time.Millisecond}).DialContext(probe, "tcp", host)
+			if err == nil {
+				c.Close()
+				break // something listens: let the probe go on
+			}
+			errs = append(errs, err)
+		}
+		if len(errs) == len(endpoints) {
+			stop(fmt.Errorf("coord: cannot reach etcd at %v: %w", endpoints, errors.Join(errs...)))
+			return
+		}
+	}
 }
 
 // Probe performs one count-only linearizable read; it returns nil when the

@@ -4,6 +4,7 @@
 // successors) and exits.
 //
 //	go run ./examples/node -etcd 127.0.0.1:2379 -listen 127.0.0.1:7700 -id a -apps orders,billing
+//	go run ./examples/node -embedded -apps orders -metrics 127.0.0.1:9100
 package main
 
 import (
@@ -11,6 +12,8 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
@@ -20,8 +23,11 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/coord/embedded"
 	"github.com/batonhq/baton/election"
 	"github.com/batonhq/baton/internal/monoclock"
 	"github.com/batonhq/baton/server"
@@ -40,16 +46,50 @@ func main() {
 		adminToken  = flag.String("admin-token", "", "enable /admin/ with this bearer token")
 		logLevel    = flag.String("log-level", "info", "trace, debug, info, warn or error")
 		pingTimeout = flag.Duration("ping-timeout", 0, "how long a ping of another server may take (0: the elector's default)")
+		embed       = flag.Bool("embedded", false, "run an etcd inside this process instead of dialing -etcd (a demo of one)")
+		metrics     = flag.String("metrics", "", "serve Prometheus metrics at http://ADDR/metrics (default: none)")
 	)
+	flag.Usage = func() {
+		fmt.Fprintf(flag.CommandLine.Output(), `node runs one baton scheduler server: it registers in etcd, answers
+PowerJob's worker endpoints on -listen, and prints every ownership change
+as a JSON line on stdout. SIGINT or SIGTERM drains it and exits.
+
+Usage: node [flags]
+
+`)
+		flag.PrintDefaults()
+	}
 	flag.Parse()
-	logger := hclog.New(&hclog.LoggerOptions{Name: "node", Level: hclog.LevelFromString(*logLevel), Output: os.Stderr})
+	name := *id
+	if name == "" {
+		name = "node"
+	}
+	logger := hclog.New(&hclog.LoggerOptions{Name: name, Level: hclog.LevelFromString(*logLevel), Output: os.Stderr})
 	if *external != "" && *advertise == "" {
 		*advertise = *listen
 	}
-	if err := run(logger, *etcd, *listen, *advertise, *external, *id, *ttl, *pingTimeout, *prefix, *apps, *adminToken); err != nil {
+	err := withEtcd(logger, *embed, strings.Split(*etcd, ","), func(endpoints []string) error {
+		return run(logger, endpoints, *metrics, *listen, *advertise, *external, *id, *ttl, *pingTimeout, *prefix, *apps, *adminToken)
+	})
+	if err != nil {
 		logger.Error("node failed", "error", err)
 		os.Exit(1)
 	}
+}
+
+// withEtcd calls f with the etcd endpoints to dial: those given, or an
+// embedded etcd's, stopped (and its data removed) when f returns.
+func withEtcd(logger hclog.Logger, embed bool, endpoints []string, f func([]string) error) error {
+	if !embed {
+		return f(endpoints)
+	}
+	e, err := embedded.Start(embedded.Config{Logger: logger})
+	if err != nil {
+		return err
+	}
+	defer e.Close()
+	logger.Info("embedded etcd up", "endpoints", e.Endpoints())
+	return f(e.Endpoints())
 }
 
 // out prints one JSON line per event; lines never interleave.
@@ -79,11 +119,11 @@ func emit(e event) {
 	_ = out.Encode(e)
 }
 
-func run(logger hclog.Logger, etcd, listen, advertise, external, id string, ttl, pingTimeout time.Duration, prefix, apps, adminToken string) error {
+func run(logger hclog.Logger, endpoints []string, metricsAddr, listen, advertise, external, id string, ttl, pingTimeout time.Duration, prefix, apps, adminToken string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	cli, err := coord.Dial(dialCtx, strings.Split(etcd, ","), logger)
+	cli, err := coord.Dial(dialCtx, endpoints, logger)
 	cancel()
 	if err != nil {
 		return err
@@ -93,6 +133,20 @@ func run(logger hclog.Logger, etcd, listen, advertise, external, id string, ttl,
 	cfg := server.DefaultConfig()
 	cfg.Client, cfg.Prefix, cfg.ServerID, cfg.TTL, cfg.Listen = cli, prefix, id, ttl, listen
 	cfg.AdminToken, cfg.Logger = adminToken, logger
+	if metricsAddr != "" {
+		reg := prometheus.NewRegistry()
+		cfg.Registerer = reg
+		ln, err := net.Listen("tcp", metricsAddr)
+		if err != nil {
+			return fmt.Errorf("metrics listener: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go srv.Serve(ln)
+		defer srv.Close()
+		logger.Info("metrics at", "url", "http://"+ln.Addr().String()+"/metrics")
+	}
 	if pingTimeout > 0 {
 		cfg.Election.PingTimeout = pingTimeout
 	}

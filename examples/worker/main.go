@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"os"
 	"os/signal"
 	"strings"
@@ -33,8 +34,22 @@ func main() {
 		lazy     = flag.Bool("lazy", false, "start even if no server can be found yet")
 		logLevel = flag.String("log-level", "info", "trace, debug, info, warn or error")
 	)
+	flag.Usage = func() {
+		fmt.Fprintf(flag.CommandLine.Output(), `worker follows the baton server that owns one app and prints every change
+of it as a JSON line on stdout. -app is required, and so is -servers or
+-etcd (or both: etcd to watch the owner, the servers to fall back on).
+
+Usage: worker -app NAME (-servers HOST:PORT,... | -etcd HOST:PORT,...) [flags]
+
+`)
+		flag.PrintDefaults()
+	}
 	flag.Parse()
-	logger := hclog.New(&hclog.LoggerOptions{Name: "worker", Level: hclog.LevelFromString(*logLevel), Output: os.Stderr})
+	if *app == "" || (*servers == "" && *etcd == "") {
+		flag.Usage()
+		os.Exit(2)
+	}
+	logger := hclog.New(&hclog.LoggerOptions{Name: *app, Level: hclog.LevelFromString(*logLevel), Output: os.Stderr})
 	if err := run(logger, *etcd, *servers, *app, *prefix, *interval, *lazy); err != nil {
 		logger.Error("worker failed", "error", err)
 		os.Exit(1)
