@@ -9,6 +9,7 @@ import (
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // A drain that cannot finish — etcd unreachable, or a ctx that has
@@ -87,5 +88,73 @@ func TestADrainThatCannotFinishReleasesTheApps(t *testing.T) {
 				t.Error("the drained node is still a member")
 			}
 		})
+	}
+}
+
+// A node cut off from etcd as its drain begins, and back after etcd has
+// expired its lease while the drain still runs, starts a fresh lease (its
+// session does that by itself) but never writes its membership key again:
+// peers must not hand it apps or send workers to it.
+func TestADrainCutOffPastItsTTLNeverRejoinsMembership(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	keys, _ := coord.NewKeys("")
+	app, err := coord.NewRegistry(e.Client(), keys).Register(context.Background(), "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, url := testutil.Proxy(t, e.Endpoint(0))
+	s1 := startNode(t, e, "s1", func(c *server.Config) { c.Client = testutil.Client(t, e, url) })
+	s2 := startNode(t, e, "s2")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := s1.Elector().Elect(ctx, app.ID, coord.ProtocolHTTP, ""); err != nil {
+		t.Fatal(err)
+	}
+	member, _ := keys.Server("s1")
+	watch := e.Client().Watch(ctx, member, clientv3.WithCreatedNotify())
+	<-watch // created
+
+	p.PauseTx()
+	p.PauseRx()
+	drained := make(chan error, 1)
+	go func() {
+		dctx, dcancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer dcancel()
+		drained <- s1.Drain(dctx)
+	}()
+	testutil.Eventually(t, 10*time.Second, "etcd to expire s1's lease", func() bool {
+		resp, err := e.Client().Get(ctx, member)
+		return err == nil && len(resp.Kvs) == 0
+	})
+	p.UnpauseTx()
+	p.UnpauseRx()
+	select {
+	case err := <-drained:
+		t.Logf("drain: %v", err)
+	case <-ctx.Done():
+		t.Fatal("the drain did not end")
+	}
+	testutil.Eventually(t, 5*time.Second, "s2 to act for the app", func() bool {
+		_, ok := s2.Elector().Ownership(app.ID)
+		return ok
+	})
+	// Everything the watch saw since before the drain, up to now (a
+	// progress notification marks "now"): deletions only.
+	end, err := e.Client().Put(ctx, "/marker", "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Client().RequestProgress(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for resp := range watch {
+		for _, ev := range resp.Events {
+			if ev.Type == clientv3.EventTypePut {
+				t.Errorf("draining s1 re-joined membership: %s written at revision %d (lease %x)", member, ev.Kv.ModRevision, ev.Kv.Lease)
+			}
+		}
+		if resp.Header.Revision >= end.Header.Revision {
+			break
+		}
 	}
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/election"
@@ -156,7 +157,7 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 		Client:     n.cfg.Client,
 		Keys:       n.keys,
 		TTL:        n.cfg.TTL,
-		OnLease:    register,
+		OnLease:    n.registerUnlessStopping(register),
 		Logger:     n.cfg.Logger,
 		Registerer: sessionReg,
 	})
@@ -189,6 +190,20 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 		r.serveDone = make(chan struct{})
 	}
 	return r, nil
+}
+
+// registerUnlessStopping wraps the membership registration that runs for
+// every new lease: a node that drains, closes or was killed never writes
+// its membership key again, even when etcd lost its lease meanwhile and
+// the session starts a new one (a drain cut off from etcd past its TTL).
+func (n *Node) registerUnlessStopping(register func(context.Context, clientv3.LeaseID) error) func(context.Context, clientv3.LeaseID) error {
+	return func(ctx context.Context, lease clientv3.LeaseID) error {
+		if n.stopping.Load() {
+			n.logger.Info("new lease while stopping: not re-joining membership", "lease", fmt.Sprintf("%x", lease))
+			return nil
+		}
+		return register(ctx, lease)
+	}
 }
 
 // dialable turns a listener address into one others can dial: an
