@@ -13,10 +13,26 @@
 // # Packages
 //
 //   - coord: key layout, app registry, records, the lease-guarded Session,
-//     membership and the successor choice, an embedded etcd.
+//     membership and the successor choice, Dial for etcd clients.
+//   - coord/embedded: etcd inside the process, for tests and demos; the
+//     only package that links etcd's server.
 //   - election: per-app election on a server, with fencing and handover.
 //   - server: a scheduler server node with PowerJob's HTTP endpoints.
 //   - worker: the worker's discovery loop.
+//
+// # Lifecycles
+//
+// One rule for every long-lived thing. A constructor that takes a context
+// (coord.NewSession, coord.WatchMembers, election.New, embedded.Start)
+// returns it running, or fails. One that takes none (server.NewNode,
+// worker.New) only validates its configuration; Start(ctx) starts it,
+// once. What holds something in etcd — a lease, keys bound to it — closes
+// with Close(ctx) error, the context bounding the release (Session,
+// Elector, Node); what holds only goroutines and watches closes with
+// Close(), which cannot fail (Discovery, Members; embedded.Etcd's Close
+// reports a directory it could not remove). Every Close is idempotent,
+// waits for everything it started, and takes the metrics it registered
+// out of their registry.
 //
 // # Keyspace
 //
