@@ -18,13 +18,13 @@ import (
 // ErrServerIDTaken: another live lease holds the server id.
 var ErrServerIDTaken = errors.New("coord: server id registered by another live server")
 
-// RegisterServer returns an OnLease callback for a SessionConfig that
+// MembershipOnLease returns an OnLease callback for a SessionConfig that
 // writes rec under keys.Server(rec.ServerID), bound to each new lease. If
 // the key is held by another lease — a second process with the same id,
 // or this process's previous incarnation whose lease has not expired yet —
 // the callback fails with ErrServerIDTaken, and the session retries until
 // that lease is gone: two live servers never share an id.
-func RegisterServer(cli *clientv3.Client, keys Keys, rec ServerRecord) (func(context.Context, clientv3.LeaseID) error, error) {
+func MembershipOnLease(cli *clientv3.Client, keys Keys, rec ServerRecord) (func(context.Context, clientv3.LeaseID) error, error) {
 	key, err := keys.Server(rec.ServerID)
 	if err != nil {
 		return nil, err

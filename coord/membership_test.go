@@ -16,7 +16,7 @@ import (
 func serverSession(t *testing.T, ctx context.Context, cli *clientv3.Client, id string) (*coord.Session, error) {
 	t.Helper()
 	keys, _ := coord.NewKeys("")
-	register, err := coord.RegisterServer(cli, keys, coord.ServerRecord{
+	register, err := coord.MembershipOnLease(cli, keys, coord.ServerRecord{
 		ServerID:  id,
 		Protocols: coord.Protocols{coord.ProtocolHTTP: {Address: id + ":7700"}},
 		StartedAt: time.Now(),

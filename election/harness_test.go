@@ -132,7 +132,7 @@ func (c *cluster) addNode(id string, opts ...nodeOption) *node {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	register, err := coord.RegisterServer(n.cli, c.keys, coord.ServerRecord{ServerID: id, Protocols: protos, StartedAt: time.Now()})
+	register, err := coord.MembershipOnLease(n.cli, c.keys, coord.ServerRecord{ServerID: id, Protocols: protos, StartedAt: time.Now()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -137,7 +137,7 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 	if err := r.protocols.Validate(); err != nil {
 		return r, fmt.Errorf("server: %w: Protocols: %v", ErrInvalidConfig, err)
 	}
-	register, err := coord.RegisterServer(n.cfg.Client, n.keys, coord.ServerRecord{
+	register, err := coord.MembershipOnLease(n.cfg.Client, n.keys, coord.ServerRecord{
 		ServerID:  n.cfg.ServerID,
 		Protocols: r.protocols,
 		StartedAt: time.Now().UTC(),
