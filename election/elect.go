@@ -36,6 +36,11 @@ import (
 // Concurrent calls for one app on one server share one election. Elect
 // fails with ErrNotReady while this server's guard is unconfirmed. It
 // blocks until it has an answer or ctx ends.
+//
+// An answer naming this server says where workers must go; this server
+// acts for the app from OnAcquire on (Ownership and Fence report it from
+// then), once its own watch has shown the write and no displaced owner
+// can still be acting — usually milliseconds later.
 func (e *Elector) Elect(ctx context.Context, app int64, protocol, currentServer string) (string, error) {
 	if e == nil {
 		return "", errNotStarted

@@ -33,11 +33,17 @@ func (d *Discovery) initialState(ctx context.Context) startState {
 	}
 	if etcdOK {
 		if r, err := d.readOwnerKey(ctx); err == nil {
-			if r.owner.Address != "" {
-				d.setCurrent(r.owner)
-			} else if s, ok := d.round(ctx, roundInput{useEtcd: true}); ok {
-				d.setCurrent(s)
+			if r.owner.Address == "" {
+				// Nobody owns the app: the round makes a server elect
+				// an owner, and etcd then says who it is, with its
+				// token. Only if etcd shows nobody still is the HTTP
+				// answer taken (the watch corrects it).
+				s, ok := d.round(ctx, roundInput{useEtcd: true})
+				if r, err = d.readOwnerKey(ctx); ok && (err != nil || r.owner.Address == "") {
+					r.owner = s
+				}
 			}
+			d.setCurrent(r.owner)
 			return startState{etcdOK: true}
 		}
 	}
