@@ -161,8 +161,10 @@ func TestRandomFaults(t *testing.T) {
 	}
 	stops.Wait()
 	if t.Failed() {
-		t.Logf("seed %d: failed after %d steps (%d compound) in %v (by kind: %s); longest time-to-acting so far %v",
-			r.seed, r.steps.Load(), r.compound.Load(), time.Since(r.start).Round(time.Second), r.byKind(), &r.acting)
+		t.Logf("seed %d: failed after %d steps (%d compound) in %v (by kind: %s); longest time-to-acting so far %v; "+
+			"longest until every worker followed %v; %s",
+			r.seed, r.steps.Load(), r.compound.Load(), time.Since(r.start).Round(time.Second), r.byKind(),
+			&r.acting, &r.following, r.crowdSummary())
 		return
 	}
 	for _, g := range groups {
