@@ -248,8 +248,10 @@ func (g *group) drainUnder(ctx context.Context, p *proc, o *outcome, fault func(
 }
 
 // midLive checks the second promise in the middle of a step (from: when
-// the fault began or healed; exclude as in look) with the group's
-// workers; a failure is kept, with its diagnosis, for settle to report.
+// the drain or fault began, or when it healed; exclude as in look) with
+// the group's workers; a failure is kept, with its diagnosis, for settle
+// to report. The time to acting counts towards the run's longest from a
+// healing, or from a drain or fault.
 func (g *group) midLive(ctx context.Context, o *outcome, from time.Time, exclude, when string) {
 	acting, waited, err := g.waitLive(ctx, from, from.Add(g.ttlMax+time.Second+slack), g.workers, exclude)
 	if err != nil {
@@ -257,7 +259,11 @@ func (g *group) midLive(ctx context.Context, o *outcome, from time.Time, exclude
 		return
 	}
 	where := fmt.Sprintf("%s step %d [%s%s] %s", g.name, g.step, o.kind, g.mixedTag(), when)
-	g.r.acting.note(acting, where)
+	if strings.Contains(when, "began") || exclude != "" {
+		g.r.drainActing.note(acting, where) // from a drain or a fault, not a healing
+	} else {
+		g.r.acting.note(acting, where)
+	}
 	if acting > g.ttlMax+time.Second {
 		g.r.t.Logf("%s: every app acting only %v (TTL + 1 s is %v; slack allowed); last missing: %s",
 			where, acting.Round(time.Millisecond), g.ttlMax+time.Second, waited)

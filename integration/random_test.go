@@ -88,7 +88,9 @@ const (
 // worker's Current names that node, its ServerID and that token. After
 // every step and at the end, the checker must find no overlap and no
 // token going backwards. The last line gives the longest time from a
-// step's healing to every app acting.
+// step's healing to every app acting (and to every worker following),
+// the longest from a drain or a drained node going silent to every app
+// acting elsewhere, and the crowd rounds' HTTP requests.
 //
 // A default run stops after randomCompound compound steps; BATON_SOAK=10m
 // runs the same mix for that long instead. BATON_SEED=n replays a run's
@@ -162,9 +164,9 @@ func TestRandomFaults(t *testing.T) {
 	stops.Wait()
 	if t.Failed() {
 		t.Logf("seed %d: failed after %d steps (%d compound) in %v (by kind: %s); longest time-to-acting so far %v; "+
-			"longest until every worker followed %v; %s",
+			"longest until every worker followed %v; longest from a drain or a drained node going silent %v; %s",
 			r.seed, r.steps.Load(), r.compound.Load(), time.Since(r.start).Round(time.Second), r.byKind(),
-			&r.acting, &r.following, r.crowdSummary())
+			&r.acting, &r.following, &r.drainActing, r.crowdSummary())
 		return
 	}
 	for _, g := range groups {
@@ -173,9 +175,9 @@ func TestRandomFaults(t *testing.T) {
 		}
 	}
 	t.Logf("seed %d: %d steps, %d of them compound, in %v (%d groups; by kind: %s); longest time-to-acting %v; "+
-		"longest until every worker followed %v; %s",
+		"longest until every worker followed %v; longest from a drain or a drained node going silent %v; %s",
 		r.seed, r.steps.Load(), r.compound.Load(), time.Since(r.start).Round(time.Second), randomGroups, r.byKind(),
-		&r.acting, &r.following, r.crowdSummary())
+		&r.acting, &r.following, &r.drainActing, r.crowdSummary())
 }
 
 // byKind counts the steps of each kind.
@@ -192,24 +194,25 @@ func (r *randomRun) byKind() string {
 
 // randomRun is what the groups share.
 type randomRun struct {
-	t          *testing.T
-	etcd       *coord.Embedded
-	seed       uint64
-	rng        *rand.Rand // the etcd rounds' choices; only coordinate uses it
-	soak       time.Duration
-	keepGoing  bool
-	start      time.Time
-	bar        *barrier
-	cancel     context.CancelFunc
-	stopping   atomic.Bool
-	etcdWhat   atomic.Value // string: the last etcd round's fault
-	etcdOutage atomic.Bool  // whether it cost etcd its quorum
-	steps      atomic.Int64
-	compound   atomic.Int64
-	compactMu  sync.Mutex
-	compacted  time.Time
-	acting     longest // time from a step's healing until every app acted
-	following  longest // … until every worker followed as well
+	t           *testing.T
+	etcd        *coord.Embedded
+	seed        uint64
+	rng         *rand.Rand // the etcd rounds' choices; only coordinate uses it
+	soak        time.Duration
+	keepGoing   bool
+	start       time.Time
+	bar         *barrier
+	cancel      context.CancelFunc
+	stopping    atomic.Bool
+	etcdWhat    atomic.Value // string: the last etcd round's fault
+	etcdOutage  atomic.Bool  // whether it cost etcd its quorum
+	steps       atomic.Int64
+	compound    atomic.Int64
+	compactMu   sync.Mutex
+	compacted   time.Time
+	acting      longest // time from a step's healing until every app acted
+	following   longest // … until every worker followed as well
+	drainActing longest // time from a drain, or a drained node going silent, until every app acted elsewhere
 
 	etcdRounds   atomic.Int64 // etcd rounds begun; changed only by the barrier's action
 	crowdRound   atomic.Bool  // whether this etcd round is a crowd round
