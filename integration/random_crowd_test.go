@@ -24,7 +24,7 @@ const (
 	crowdWorkers = 1000
 	crowdClients = 4
 	crowdEvery   = 5
-	crowdStarts  = 6 // Starts under way at once, per group
+	crowdStarts  = 3 // Starts under way at once, per group
 )
 
 // crowd is one group's share of a crowd round's workers, and how many
