@@ -144,6 +144,10 @@ type outcome struct {
 	// after, if set, runs once the step is live: the step's own checks
 	// that need the final owners; it returns violations.
 	after func(ctx context.Context) []string
+	// pending, if set, waits for the step's requests still under way
+	// after it healed (they must not delay the first look) and returns
+	// what to add to what.
+	pending func() string
 }
 
 func (g *group) localStep(ctx context.Context) error {
@@ -152,6 +156,9 @@ func (g *group) localStep(ctx context.Context) error {
 	var o outcome
 	var err error
 	defer func() {
+		if o.pending != nil {
+			o.pending() // settle has waited already, unless the step failed
+		}
 		for _, w := range o.workers {
 			w.d.Close()
 		}
@@ -260,6 +267,9 @@ func (g *group) settle(ctx context.Context, o outcome) error {
 			r.t.Logf("%s: every app acting only %v after healing (TTL + 1 s is %v; slack allowed); last missing: %s",
 				where, acting.Round(time.Millisecond), g.ttlMax+time.Second, waited)
 		}
+	}
+	if o.pending != nil {
+		o.what += o.pending()
 	}
 	problems := o.problems
 	if err == nil && o.after != nil {

@@ -253,7 +253,7 @@ func (g *group) takeoverLostResponse(ctx context.Context) (outcome, error) {
 		b.pauseRx(false)
 	}
 	o.healed = time.Now()
-	asked.Wait()
+	o.pending = func() string { asked.Wait(); return "" }
 	return o, err
 }
 

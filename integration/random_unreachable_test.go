@@ -101,15 +101,15 @@ func (g *group) unreachable(ctx context.Context) (outcome, error) {
 		p.front.UnpauseRx()
 	}
 	o.healed = time.Now()
-	asked.Wait()
 	sentA, answeredA, sent, answered := hc.counts(a.public)
 	othersCut := ""
 	if len(others) > 0 {
 		othersCut = ", the other servers cut off from the workers"
 	}
 	o.what = fmt.Sprintf("cut %s off from etcd and peers (TTL %v, %d apps) for %v, its HTTP answering%s; %d reports of it as unreachable "+
-		"(the step's workers asked it %d times, %d answered; the others %d times, %d answered); %s (TTL %v) %s",
-		a.id, ttlA, len(apps), hold.Round(time.Millisecond), othersCut, reports, sentA, answeredA, sent, answered, b.id, g.c.ttlOf(b.id), took)
+		"(the step's workers asked it %d times, %d answered; the others %d times, %d answered); %s (TTL %v)",
+		a.id, ttlA, len(apps), hold.Round(time.Millisecond), othersCut, reports, sentA, answeredA, sent, answered, b.id, g.c.ttlOf(b.id))
+	o.pending = func() string { asked.Wait(); return " " + took }
 	o.after = func(ctx context.Context) []string {
 		keys, err := g.ownerKeys(ctx)
 		if err != nil {
