@@ -263,9 +263,9 @@ func (g *group) settle(ctx context.Context, o outcome) error {
 	if err == nil {
 		r.acting.note(acting, where)
 		r.following.note(following, where)
-		if acting > g.ttlMax+time.Second {
-			r.t.Logf("%s: every app acting only %v after healing (TTL + 1 s is %v; slack allowed); last missing: %s",
-				where, acting.Round(time.Millisecond), g.ttlMax+time.Second, waited)
+		if following > g.ttlMax+time.Second {
+			r.t.Logf("%s: every app acting %v and every worker following only %v after healing (TTL + 1 s is %v; slack allowed); last missing: %s",
+				where, acting.Round(time.Millisecond), following.Round(time.Millisecond), g.ttlMax+time.Second, waited)
 		}
 	}
 	if o.pending != nil {

@@ -187,7 +187,8 @@ func describe(ivs []interval) string {
 
 // waitLive waits until the second promise holds (see look) and returns
 // how long after from its first half (every app acting) held, and what
-// the last look before that found missing (for a slow step's log). It
+// the last looks before each half held found missing (for a slow step's
+// log). It
 // wakes on every checker event and worker change, and every 50 ms to look
 // again; at deadline it fails with what was wrong at a last, full look.
 func (g *group) waitLive(ctx context.Context, from, deadline time.Time, workers []follower, exclude string) (time.Duration, string, error) {
@@ -196,7 +197,7 @@ func (g *group) waitLive(ctx context.Context, from, deadline time.Time, workers 
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	acting := time.Duration(-1)
-	var waited []string
+	var waited, lagged []string
 	for {
 		checked, moved := g.c.check.changes(), g.moved.wait()
 		v := g.look(ctx, workers, exclude, false)
@@ -204,10 +205,15 @@ func (g *group) waitLive(ctx context.Context, from, deadline time.Time, workers 
 			acting = max(time.Since(from), 0)
 		}
 		if len(v.apps) == 0 && len(v.workers) == 0 {
+			if len(lagged) > 0 {
+				waited = append(waited, fmt.Sprintf("then %d workers, e.g. %s", len(lagged), lagged[0]))
+			}
 			return acting, strings.Join(waited, "; "), nil
 		}
 		if acting < 0 {
 			waited = v.apps
+		} else if len(v.workers) > 0 {
+			lagged = v.workers
 		}
 		select {
 		case <-checked:
