@@ -114,6 +114,20 @@ func (c *checker) owners() map[int64][]string {
 	return out
 }
 
+// begunAfter returns the intervals of server that began after at
+// (CLOCK_MONOTONIC).
+func (c *checker) begunAfter(server string, at int64) []interval {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []interval
+	for _, iv := range c.intervals {
+		if iv.server == server && iv.start > at {
+			out = append(out, *iv)
+		}
+	}
+	return out
+}
+
 // waitOwned waits until every app in apps has exactly one open interval
 // among the servers other than exclude (whose intervals may still be open
 // because it is paused or cut off: its end stamps arrive when it runs

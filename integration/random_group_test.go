@@ -2,13 +2,10 @@ package integration
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net/http"
-	"strings"
-	"sync"
+	"slices"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -19,12 +16,15 @@ import (
 // group is three server processes with their apps, workers and checker.
 type group struct {
 	r       *randomRun
+	index   int
 	name    string
 	c       *cluster
+	cli     *clientv3.Client // the workers'
 	rng     *rand.Rand
 	ids     []string
 	apps    []int64
-	workers []*worker.Discovery
+	appName map[int64]string
+	workers []follower
 	moved   *notifier // a worker changed server
 	mixed   bool      // TTLs 1, 2 and 3 s rather than 1 s
 	ttlMax  time.Duration
@@ -35,9 +35,9 @@ type group struct {
 func (r *randomRun) newGroup(i int, cli *clientv3.Client) *group {
 	t := r.t
 	name := fmt.Sprintf("g%d", i+1)
-	g := &group{r: r, name: name, c: newClusterOn(t, r.etcd, prefix+"/"+name, time.Second),
-		rng: rand.New(rand.NewPCG(r.seed, uint64(i+1))), moved: newNotifier(), mixed: i%2 == 1}
-	g.c.args = []string{"-ping-timeout", randomPing.String()}
+	g := &group{r: r, index: i, name: name, c: newClusterOn(t, r.etcd, prefix+"/"+name, time.Second), cli: cli,
+		rng: rand.New(rand.NewPCG(r.seed, uint64(i+1))), appName: map[int64]string{}, moved: newNotifier(), mixed: i%2 == 1}
+	g.c.args = []string{"-ping-timeout", randomPing.String(), "-admin-token", randomAdminToken}
 	g.ttlMax = time.Second
 	for j := range 3 {
 		id := fmt.Sprintf("%sn%d", name, j+1)
@@ -49,31 +49,50 @@ func (r *randomRun) newGroup(i int, cli *clientv3.Client) *group {
 		g.c.start(id)
 	}
 	g.apps = g.c.register(randomApps)
-	for _, app := range g.apps {
+	for j, app := range g.apps {
+		g.appName[app] = fmt.Sprintf("app-%d", j)
 		g.c.acquire(g.c.nodes[g.ids[g.rng.IntN(3)]], app)
 	}
 	if _, err := g.c.check.waitOwned(g.apps, "", 10*time.Second); err != nil {
 		t.Fatalf("%s: %v", name, err)
 	}
 	for j := range randomWorkers {
-		cfg := worker.DefaultConfig()
-		cfg.AppName, cfg.Client, cfg.Prefix = fmt.Sprintf("app-%d", j), cli, g.c.prefix
-		cfg.Interval, cfg.RequestTimeout, cfg.PingTimeout = 500*time.Millisecond, time.Second, 500*time.Millisecond
-		cfg.OnChange = func(_, _ worker.Server) { g.moved.notify() }
-		for _, id := range g.ids {
-			cfg.Servers = append(cfg.Servers, g.c.nodes[id].public)
-		}
-		d, err := worker.New(cfg)
+		d, err := g.newWorker(fmt.Sprintf("app-%d", j), func(worker.Server) {}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := d.Start(context.Background()); err != nil {
-			t.Fatal(err)
-		}
 		t.Cleanup(d.Close)
-		g.workers = append(g.workers, d)
+		g.workers = append(g.workers, follower{name: fmt.Sprintf("%s/app-%d", name, j), d: d})
 	}
 	return g
+}
+
+// newWorker starts a worker of app that watches etcd through the
+// group's client and knows every node; seen is told of each change of
+// its server; tune, if set, changes its configuration.
+func (g *group) newWorker(app string, seen func(worker.Server), tune func(*worker.Config)) (*worker.Discovery, error) {
+	cfg := worker.DefaultConfig()
+	cfg.AppName, cfg.Client, cfg.Prefix = app, g.cli, g.c.prefix
+	cfg.Interval, cfg.RequestTimeout, cfg.PingTimeout = 500*time.Millisecond, time.Second, 500*time.Millisecond
+	cfg.OnChange = func(_, s worker.Server) {
+		seen(s)
+		g.moved.notify()
+	}
+	for _, id := range g.ids {
+		cfg.Servers = append(cfg.Servers, g.c.nodes[id].public)
+	}
+	if tune != nil {
+		tune(&cfg)
+	}
+	d, err := worker.New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.Start(context.Background()); err != nil {
+		d.Close()
+		return nil, err
+	}
+	return d, nil
 }
 
 // loop runs the group's steps until the run is over.
@@ -85,13 +104,23 @@ func (g *group) loop(ctx context.Context) error {
 				return err
 			}
 		}
-		if err := r.bar.wait(ctx, func() { r.stopping.Store(r.done()) }); err != nil {
-			return err
+		// A crowd starts while the other groups finish their blocks.
+		var cr *crowd
+		if !r.done() && r.crowdNext() {
+			var err error
+			if cr, err = g.startCrowd(ctx); err != nil {
+				cr.close()
+				return fmt.Errorf("%s before step %d (etcd round): %w", g.name, g.step+1, err)
+			}
 		}
-		if r.stopping.Load() {
-			return nil
+		err := r.bar.wait(ctx, r.nextRound)
+		if err == nil && !r.stopping.Load() {
+			err = g.etcdStep(ctx, cr)
 		}
-		if err := g.etcdStep(ctx); err != nil {
+		if cr != nil {
+			cr.close()
+		}
+		if err != nil || r.stopping.Load() {
 			return err
 		}
 	}
@@ -99,12 +128,26 @@ func (g *group) loop(ctx context.Context) error {
 
 // outcome is what a step did, for the log and the liveness check.
 type outcome struct {
-	kind     string // a, b, c, e, or single-*
+	kind     string // a, b, c, e, single-*, drain-*, unreachable, …
 	compound bool
 	what     string
 	started  time.Time
 	healed   time.Time     // when the last fault healed
-	extra    time.Duration // more time the liveness bound allows (a lease left to expire)
+	extra    time.Duration // after healed, until the last fault is gone (a lease left to expire)
+	workers  []follower    // the step's own workers, checked with the group's, closed after it
+	release  func()        // if set, runs after the step's workers are closed
+	crowd    *crowd        // an etcd round's thousand workers, checked with the group's
+	// problems are violations the step found itself; liveness, liveness
+	// failures it found during the step (each with its diagnosis).
+	problems []string
+	liveness []string
+	// after, if set, runs once the step is live: the step's own checks
+	// that need the final owners; it returns violations.
+	after func(ctx context.Context) []string
+	// pending, if set, waits for the step's requests still under way
+	// after it healed (they must not delay the first look) and returns
+	// what to add to what.
+	pending func() string
 }
 
 func (g *group) localStep(ctx context.Context) error {
@@ -112,15 +155,30 @@ func (g *group) localStep(ctx context.Context) error {
 	started := time.Now()
 	var o outcome
 	var err error
+	defer func() {
+		if o.pending != nil {
+			o.pending() // settle has waited already, unless the step failed
+		}
+		for _, w := range o.workers {
+			w.d.Close()
+		}
+		if o.release != nil {
+			o.release()
+		}
+	}()
 	switch n := g.rng.IntN(100); {
-	case n < 20:
+	case n < 14:
 		o, err = g.single(ctx)
-	case n < 55:
+	case n < 49:
 		o, err = g.takeoverThenFault(ctx)
-	case n < 80:
+	case n < 69:
 		o, err = g.takeoverLostResponse(ctx)
-	default:
+	case n < 87:
 		o, err = g.futureOwner(ctx)
+	case n < 91:
+		o, err = g.unreachable(ctx)
+	default:
+		o, err = g.drainStep(ctx, n-91)
 	}
 	if err != nil {
 		return fmt.Errorf("%s step %d (%s): %w", g.name, g.step, o.what, err)
@@ -130,10 +188,21 @@ func (g *group) localStep(ctx context.Context) error {
 }
 
 // etcdStep is a group's part in an etcd round: mostly a takeover under
-// way when etcd fails (c), sometimes nothing but the etcd fault.
-func (g *group) etcdStep(ctx context.Context) error {
+// way when etcd fails (c), sometimes nothing but the etcd fault. In a
+// crowd round (the etcd leader alone fails) the group's share of the
+// thousand watching workers (cr, started before the round) must follow
+// too.
+func (g *group) etcdStep(ctx context.Context, cr *crowd) error {
 	g.step++
 	o := outcome{kind: "etcd", what: "no takeover under way, then", started: time.Now()}
+	if g.r.crowdRound.Load() {
+		if cr == nil {
+			return fmt.Errorf("%s step %d: a crowd round, and no crowd started", g.name, g.step)
+		}
+		o.crowd = cr
+		cr.sent.Store(0) // count from here
+		cr.answered.Store(0)
+	}
 	var heal func() error
 	if g.rng.IntN(100) < 85 {
 		var err error
@@ -155,9 +224,14 @@ func (g *group) etcdStep(ctx context.Context) error {
 		return err
 	}
 	o.what += " " + g.r.etcdWhat.Load().(string) + " stopped and restarted"
-	if o.kind == "c" && !g.r.etcdOutage.Load() {
+	switch {
+	case o.crowd != nil && o.kind == "c":
+		o.kind = "c-leader-crowd"
+	case o.crowd != nil:
+		o.kind = "single-etcd-crowd"
+	case o.kind == "c" && !g.r.etcdOutage.Load():
 		o.kind = "c-member" // a member lost, not the quorum
-	} else if o.kind == "etcd" {
+	case o.kind == "etcd":
 		o.kind = "single-etcd"
 	}
 	if heal != nil {
@@ -169,27 +243,49 @@ func (g *group) etcdStep(ctx context.Context) error {
 	return g.settle(ctx, o)
 }
 
-// settle checks liveness after a step healed — every app owned within
-// the largest TTL + 1 s (+ slack), every worker following — compacts,
-// and asks the checker for its verdict.
+// settle checks the second promise after a step healed (see look): by
+// the largest TTL + 1 s (+ slack) after the step's faults healed, every
+// app acts on the node its key names and every worker — the group's,
+// the step's own and a crowd's — names that node and token. Then it runs
+// the step's own checks, compacts, and asks the checker for its verdict.
 func (g *group) settle(ctx context.Context, o outcome) error {
 	r := g.r
 	r.count(o.kind, o.compound)
-	bound := g.ttlMax + time.Second + slack + o.extra
-	var took time.Duration
-	err := g.waitOwned(ctx, bound-time.Since(o.healed))
+	from := o.healed.Add(o.extra) // when the last fault was gone
+	bound := g.ttlMax + time.Second + slack
+	workers := slices.Concat(g.workers, o.workers)
+	if o.crowd != nil {
+		workers = append(workers, o.crowd.ws...)
+	}
+	acting, waited, err := g.waitLive(ctx, from, from.Add(bound), workers, "")
+	following := time.Since(from)
+	where := fmt.Sprintf("%s step %d [%s%s]", g.name, g.step, o.kind, g.mixedTag())
 	if err == nil {
-		took = time.Since(o.healed)
-		err = g.followed(ctx, bound)
+		r.acting.note(acting, where)
+		r.following.note(following, where)
+		if following > g.ttlMax+time.Second {
+			r.t.Logf("%s: every app acting %v and every worker following only %v after healing (TTL + 1 s is %v; slack allowed); last missing: %s",
+				where, acting.Round(time.Millisecond), following.Round(time.Millisecond), g.ttlMax+time.Second, waited)
+		}
+	}
+	if o.pending != nil {
+		o.what += o.pending()
+	}
+	problems := o.problems
+	if err == nil && o.after != nil {
+		problems = append(problems, o.after(ctx)...)
 	}
 	for _, id := range g.ids {
 		if g.c.nodes[id].crashed() {
 			err = errors.Join(err, fmt.Errorf("node %s exited by itself", id))
 		}
 	}
-	problems := g.newProblems()
-	if err != nil || len(problems) > 0 {
-		msg := fmt.Sprintf("%s step %d [%s%s]: %s", g.name, g.step, o.kind, g.mixedTag(), o.what)
+	problems = append(problems, g.newProblems()...)
+	if err != nil || len(problems) > 0 || len(o.liveness) > 0 {
+		msg := fmt.Sprintf("%s: %s", where, o.what)
+		for _, l := range o.liveness {
+			msg += "\n\tliveness (during the step): " + l
+		}
 		if err != nil {
 			msg += fmt.Sprintf(": liveness: %v\n\t%s", err, g.diagnose(ctx))
 		}
@@ -201,161 +297,15 @@ func (g *group) settle(ctx context.Context, o outcome) error {
 		}
 		r.t.Error(msg)
 	} else {
-		r.t.Logf("%s step %d [%s%s]: %s; all owned %v after healing (step %v)", g.name, g.step, o.kind, g.mixedTag(), o.what,
-			took.Round(time.Millisecond), time.Since(o.started).Round(time.Millisecond))
+		extra := ""
+		if o.crowd != nil {
+			extra = "; " + o.crowd.report(r)
+		}
+		r.t.Logf("%s: %s; all acting %v after healing, workers following after %v (step %v)%s", where, o.what,
+			acting.Round(time.Millisecond), following.Round(time.Millisecond), time.Since(o.started).Round(time.Millisecond), extra)
 	}
 	r.compact(ctx)
 	return nil
-}
-
-// hello is what a node's /server/hello says: whether its guard is
-// confirmed, and the apps it acts for with their tokens.
-type hello struct {
-	confirmed bool
-	owned     map[int64]int64
-	err       error
-}
-
-// hellos asks every node of the group at once.
-func (g *group) hellos(ctx context.Context) map[string]hello {
-	ctx, cancel := context.WithTimeout(ctx, time.Second)
-	defer cancel()
-	var mu sync.Mutex
-	out := map[string]hello{}
-	var wg sync.WaitGroup
-	for id, p := range g.c.nodes {
-		wg.Go(func() {
-			h := hello{owned: map[int64]int64{}}
-			var body struct {
-				Data struct {
-					Owned []struct {
-						AppID int64 `json:"appId"`
-						Token int64 `json:"token"`
-					} `json:"owned"`
-					Lease struct {
-						Confirmed bool `json:"confirmed"`
-					} `json:"lease"`
-				} `json:"data"`
-			}
-			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+p.addr+"/server/hello", nil)
-			resp, err := g.c.http.Do(req)
-			if err == nil {
-				err = json.NewDecoder(resp.Body).Decode(&body)
-				resp.Body.Close()
-			}
-			h.err, h.confirmed = err, body.Data.Lease.Confirmed
-			for _, o := range body.Data.Owned {
-				h.owned[o.AppID] = o.Token
-			}
-			mu.Lock()
-			out[id] = h
-			mu.Unlock()
-		})
-	}
-	wg.Wait()
-	return out
-}
-
-// waitOwned waits until every app has exactly one acting owner: one open
-// interval in the checker, of a node whose guard is confirmed and which
-// says it acts for the app with that interval's token. (The checker alone
-// lags behind a node that has just been resumed: its end stamps are
-// still on their way.) It wakes on every checker event, and every 50 ms
-// to ask the nodes again.
-func (g *group) waitOwned(ctx context.Context, timeout time.Duration) error {
-	deadline := time.NewTimer(max(timeout, 0))
-	defer deadline.Stop()
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		changed := g.c.check.changes()
-		why := g.notOwned(ctx)
-		if why == "" {
-			return nil
-		}
-		select {
-		case <-changed:
-		case <-tick.C:
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-deadline.C:
-			return fmt.Errorf("not every app owned %v after healing: %s", timeout.Round(time.Millisecond), why)
-		}
-	}
-}
-
-// notOwned says why not every app has one acting owner, or "" if each
-// has.
-func (g *group) notOwned(ctx context.Context) string {
-	owners := g.c.check.openIntervals()
-	var why []string
-	for _, app := range g.apps {
-		if len(owners[app]) != 1 {
-			why = append(why, fmt.Sprintf("app %d acted for by %v", app, owners[app]))
-		}
-	}
-	if len(why) > 0 {
-		return strings.Join(why, ", ")
-	}
-	hs := g.hellos(ctx)
-	for _, app := range g.apps {
-		iv := owners[app][0]
-		h, ok := hs[iv.server]
-		switch {
-		case !ok:
-			why = append(why, fmt.Sprintf("app %d: %s is no node", app, iv.server))
-		case h.err != nil:
-			why = append(why, fmt.Sprintf("app %d: %s: %v", app, iv.server, h.err))
-		case !h.confirmed || h.owned[app] != iv.token:
-			why = append(why, fmt.Sprintf("app %d: %s (token %d) says confirmed %v, token %d", app, iv.server, iv.token, h.confirmed, h.owned[app]))
-		}
-	}
-	return strings.Join(why, ", ")
-}
-
-// diagnose describes the owner keys of the apps without one acting
-// owner, and what each node says it owns.
-func (g *group) diagnose(ctx context.Context) string {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	cli := g.r.etcd.Client()
-	owners := g.c.check.owners()
-	var out []string
-	for _, app := range g.apps {
-		if len(owners[app]) == 1 {
-			continue
-		}
-		desc := fmt.Sprintf("app %d acted for by %v, key: ", app, owners[app])
-		resp, err := cli.Get(ctx, g.c.keys.Owner(app))
-		switch {
-		case err != nil:
-			desc += err.Error()
-		case len(resp.Kvs) == 0:
-			desc += "none"
-		default:
-			kv := resp.Kvs[0]
-			var rec struct {
-				Version  int    `json:"version"`
-				ServerID string `json:"serverId"`
-			}
-			json.Unmarshal(kv.Value, &rec)
-			desc += fmt.Sprintf("%s (v%d) token %d lease %x", rec.ServerID, rec.Version, kv.ModRevision, kv.Lease)
-			if ttl, err := cli.TimeToLive(ctx, clientv3.LeaseID(kv.Lease)); err == nil {
-				desc += fmt.Sprintf(" ttl %ds", ttl.TTL)
-			}
-		}
-		out = append(out, desc)
-	}
-	hs := g.hellos(ctx)
-	for _, id := range g.ids {
-		h := hs[id]
-		if h.err != nil {
-			out = append(out, fmt.Sprintf("%s: %v", id, h.err))
-		} else {
-			out = append(out, fmt.Sprintf("%s: confirmed %v, acts for %v", id, h.confirmed, h.owned))
-		}
-	}
-	return strings.Join(out, "\n\t")
 }
 
 func (g *group) mixedTag() string {
@@ -396,35 +346,6 @@ func (r *randomRun) compact(ctx context.Context) {
 	if cur, err := r.etcd.Client().Get(cctx, "compact-marker"); err == nil {
 		if _, err := r.etcd.Client().Compact(cctx, cur.Header.Revision); err != nil {
 			r.t.Logf("compact at %d: %v", cur.Header.Revision, err)
-		}
-	}
-}
-
-// followed waits until every worker points at its app's owner.
-func (g *group) followed(ctx context.Context, timeout time.Duration) error {
-	deadline := time.NewTimer(timeout)
-	defer deadline.Stop()
-	for {
-		checked, moved := g.c.check.changes(), g.moved.wait()
-		owners := g.c.check.owners()
-		ok := true
-		for _, w := range g.workers {
-			cur, known := w.Current()
-			server := owners[w.AppID()]
-			if !known || len(server) != 1 || g.c.nodes[server[0]] == nil || g.c.nodes[server[0]].public != cur.Address {
-				ok = false
-			}
-		}
-		if ok {
-			return nil
-		}
-		select {
-		case <-checked:
-		case <-moved:
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-deadline.C:
-			return fmt.Errorf("workers did not follow their owners within %v", timeout)
 		}
 	}
 }

@@ -109,7 +109,7 @@ func (g *group) pickTakeover() (owner, taker *proc, apps []int64) {
 	a := owners[g.rng.IntN(len(owners))]
 	// The taker must be able to take: prefer a confirmed one (one that
 	// has just been healed may not be yet).
-	hs := g.hellos(context.Background())
+	hs := g.hellos(context.Background(), nil)
 	var others, ready []string
 	for _, id := range g.ids {
 		if id != a {
@@ -253,7 +253,7 @@ func (g *group) takeoverLostResponse(ctx context.Context) (outcome, error) {
 		b.pauseRx(false)
 	}
 	o.healed = time.Now()
-	asked.Wait()
+	o.pending = func() string { asked.Wait(); return "" }
 	return o, err
 }
 
@@ -272,6 +272,7 @@ func (g *group) futureOwner(ctx context.Context) (outcome, error) {
 	if err != nil {
 		return o, err
 	}
+	g.appName[app.ID] = name
 	leaseTTL := time.Duration(2+g.rng.IntN(2)) * time.Second
 	f, err := startForeign(ctx, g, app.ID, leaseTTL)
 	if err != nil {

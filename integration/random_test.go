@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/batonhq/baton/internal/backoff"
 	"github.com/batonhq/baton/internal/etcdcluster"
 	"github.com/batonhq/baton/internal/testutil"
@@ -35,6 +37,9 @@ const (
 	// randomPing is the nodes' ping timeout (-ping-timeout): a takeover
 	// of a hung owner then overwrites its key well within a 1 s TTL.
 	randomPing = 250 * time.Millisecond
+	// randomAdminToken opens the nodes' /admin/ routes (-admin-token),
+	// for the drain steps.
+	randomAdminToken = "random-run-admin"
 )
 
 // TestRandomFaults runs groups of three server processes, their apps and
@@ -61,12 +66,31 @@ const (
 //	   address that answers nothing; servers are asked for the app (one
 //	   of them sometimes crashed, paused or cut off meanwhile) and must not
 //	   act before the lease is gone; the test then revokes it or lets it
-//	   expire.
+//	   expire;
+//	drain-cut, drain-fail-cut, drain-fail-stop (random_drain_test.go):
+//	   a node is cut off from etcd during its /admin/drain for longer
+//	   than its TTL and healed while the drain still runs, or cut off or
+//	   paused until the drain's ctx has expired and the drain fails;
+//	c-leader-crowd: c with the etcd leader stopped while a thousand more
+//	   workers watch the groups' apps (random_crowd_test.go).
 //
-// After each step heals, every app must have one owner within the
-// largest TTL in play + 1 s (+ slack for CI) and every worker must point
-// at its app's owner; after every step and at the end, the checker must
-// find no overlap and no token going backwards.
+// Other kinds: drain-hangup (the drain's client hangs up at once),
+// drain-lease-loss (a drained node cut off from etcd for longer than its
+// TTL), unreachable (workers report a deposed owner unreachable while it
+// still answers HTTP; random_unreachable_test.go), single-etcd-crowd.
+// A drained node must own nothing and never come back into membership;
+// it is then killed and started again.
+//
+// After each step heals, the second promise must hold, exactly
+// (random_liveness_test.go): within the largest TTL in play + 1 s (+
+// slack for CI), every app's owner key names a node that acts for it with
+// the key's ModRevision as its token, its guard confirmed, and every
+// worker's Current names that node, its ServerID and that token. After
+// every step and at the end, the checker must find no overlap and no
+// token going backwards. The last line gives the longest time from a
+// step's healing to every app acting (and to every worker following),
+// the longest from a drain or a drained node going silent to every app
+// acting elsewhere, and the crowd rounds' HTTP requests.
 //
 // A default run stops after randomCompound compound steps; BATON_SOAK=10m
 // runs the same mix for that long instead. BATON_SEED=n replays a run's
@@ -95,6 +119,9 @@ func TestRandomFaults(t *testing.T) {
 
 	r.etcd = testutil.Etcd(t, 3)
 	cli := testutil.Client(t, r.etcd) // the workers'
+	for range crowdClients {
+		r.crowdClients = append(r.crowdClients, testutil.Client(t, r.etcd))
+	}
 	var groups []*group
 	for i := range randomGroups {
 		groups = append(groups, r.newGroup(i, cli))
@@ -136,8 +163,10 @@ func TestRandomFaults(t *testing.T) {
 	}
 	stops.Wait()
 	if t.Failed() {
-		t.Logf("seed %d: failed after %d steps (%d compound) in %v (by kind: %s)",
-			r.seed, r.steps.Load(), r.compound.Load(), time.Since(r.start).Round(time.Second), r.byKind())
+		t.Logf("seed %d: failed after %d steps (%d compound) in %v (by kind: %s); longest time-to-acting so far %v; "+
+			"longest until every worker followed %v; longest from a drain or a drained node going silent %v; %s",
+			r.seed, r.steps.Load(), r.compound.Load(), time.Since(r.start).Round(time.Second), r.byKind(),
+			&r.acting, &r.following, &r.drainActing, r.crowdSummary())
 		return
 	}
 	for _, g := range groups {
@@ -145,8 +174,10 @@ func TestRandomFaults(t *testing.T) {
 			t.Errorf("%s at the end: %s", g.name, p)
 		}
 	}
-	t.Logf("seed %d: %d steps, %d of them compound, in %v (%d groups; by kind: %s)",
-		r.seed, r.steps.Load(), r.compound.Load(), time.Since(r.start).Round(time.Second), randomGroups, r.byKind())
+	t.Logf("seed %d: %d steps, %d of them compound, in %v (%d groups; by kind: %s); longest time-to-acting %v; "+
+		"longest until every worker followed %v; longest from a drain or a drained node going silent %v; %s",
+		r.seed, r.steps.Load(), r.compound.Load(), time.Since(r.start).Round(time.Second), randomGroups, r.byKind(),
+		&r.acting, &r.following, &r.drainActing, r.crowdSummary())
 }
 
 // byKind counts the steps of each kind.
@@ -163,22 +194,30 @@ func (r *randomRun) byKind() string {
 
 // randomRun is what the groups share.
 type randomRun struct {
-	t          *testing.T
-	etcd       *etcdcluster.Cluster
-	seed       uint64
-	rng        *rand.Rand // the etcd rounds' choices; only coordinate uses it
-	soak       time.Duration
-	keepGoing  bool
-	start      time.Time
-	bar        *barrier
-	cancel     context.CancelFunc
-	stopping   atomic.Bool
-	etcdWhat   atomic.Value // string: the last etcd round's fault
-	etcdOutage atomic.Bool  // whether it cost etcd its quorum
-	steps      atomic.Int64
-	compound   atomic.Int64
-	compactMu  sync.Mutex
-	compacted  time.Time
+	t           *testing.T
+	etcd        *etcdcluster.Cluster
+	seed        uint64
+	rng         *rand.Rand // the etcd rounds' choices; only coordinate uses it
+	soak        time.Duration
+	keepGoing   bool
+	start       time.Time
+	bar         *barrier
+	cancel      context.CancelFunc
+	stopping    atomic.Bool
+	etcdWhat    atomic.Value // string: the last etcd round's fault
+	etcdOutage  atomic.Bool  // whether it cost etcd its quorum
+	steps       atomic.Int64
+	compound    atomic.Int64
+	compactMu   sync.Mutex
+	compacted   time.Time
+	acting      longest // time from a step's healing until every app acted
+	following   longest // … until every worker followed as well
+	drainActing longest // time from a drain, or a drained node going silent, until every app acted elsewhere
+
+	etcdRounds   atomic.Int64 // etcd rounds begun; changed only by the barrier's action
+	crowdRound   atomic.Bool  // whether this etcd round is a crowd round
+	crowdClients []*clientv3.Client
+	crowdTally   crowdTally
 
 	mu    sync.Mutex
 	kinds map[string]int
@@ -215,7 +254,7 @@ func (r *randomRun) count(kind string, compound bool) {
 // groups heal.
 func (r *randomRun) coordinate(ctx context.Context) error {
 	for {
-		if err := r.bar.wait(ctx, func() { r.stopping.Store(r.done()) }); err != nil {
+		if err := r.bar.wait(ctx, r.nextRound); err != nil {
 			return err
 		}
 		if r.stopping.Load() {
@@ -236,6 +275,17 @@ func (r *randomRun) coordinate(ctx context.Context) error {
 	}
 }
 
+// nextRound runs when every group has reached an etcd round: it decides
+// whether the run is over and whether this round is a crowd round.
+func (r *randomRun) nextRound() {
+	r.stopping.Store(r.done())
+	r.crowdRound.Store(r.crowdNext())
+	r.etcdRounds.Add(1)
+}
+
+// crowdNext says whether the next etcd round is a crowd round.
+func (r *randomRun) crowdNext() bool { return r.etcdRounds.Load()%crowdEvery == 1 }
+
 // etcdFault stops etcd members — all three, the leader and one more,
 // the leader, or a follower — for a while, restarts them and waits until
 // they have a leader again.
@@ -247,6 +297,8 @@ func (r *randomRun) etcdFault(ctx context.Context) error {
 	var members []int
 	var what string
 	switch n := r.rng.IntN(100); {
+	case r.crowdRound.Load():
+		members, what = []int{leader}, fmt.Sprintf("the etcd leader (%d more workers watching)", crowdWorkers)
 	case n < 40:
 		members, what = []int{0, 1, 2}, "all etcd members"
 	case n < 75:

@@ -1,0 +1,166 @@
+package integration
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/batonhq/baton/worker"
+)
+
+// A crowd round is an etcd round in which crowdWorkers workers —
+// worker.Discovery values sharing crowdClients etcd clients, as
+// BenchmarkMemory's do — watch the groups' apps while the etcd leader is
+// stopped and restarted; afterwards every one of them must name its
+// app's owner, with its ServerID and token, within the same bound as the
+// groups' own workers. Every crowdEvery-th etcd round, starting with the
+// second, is one: a default run has one.
+const (
+	crowdWorkers = 1000
+	crowdClients = 4
+	crowdEvery   = 5
+	crowdStarts  = 3 // Starts under way at once, per group
+)
+
+// crowd is one group's share of a crowd round's workers, and how many
+// HTTP requests they sent to the servers (and how many were answered)
+// since the crowd settled.
+type crowd struct {
+	g        *group
+	ws       []follower
+	tr       *http.Transport
+	sent     atomic.Int64
+	answered atomic.Int64
+}
+
+// counting is an http.RoundTripper that counts the crowd's requests.
+type counting struct{ c *crowd }
+
+func (t counting) RoundTrip(req *http.Request) (*http.Response, error) {
+	t.c.sent.Add(1)
+	resp, err := t.c.tr.RoundTrip(req)
+	if err == nil {
+		t.c.answered.Add(1)
+	}
+	return resp, err
+}
+
+// startCrowd starts the group's share of the crowd, spread over its
+// first randomApps apps and over the run's shared clients, and waits
+// until every one of them follows its app's owner: the state the round
+// starts from. Close the crowd, even when it fails.
+func (g *group) startCrowd(ctx context.Context) (*crowd, error) {
+	n := crowdWorkers / randomGroups
+	if g.index < crowdWorkers%randomGroups {
+		n++
+	}
+	cr := &crowd{g: g, tr: &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: time.Second}).DialContext,
+		MaxIdleConnsPerHost: 16,
+	}}
+	client := &http.Client{Transport: counting{cr}}
+	var servers []string
+	for _, id := range g.ids {
+		servers = append(servers, g.c.nodes[id].public)
+	}
+	cr.ws = make([]follower, n)
+	errs := make(chan error, n)
+	started := time.Now()
+	// Worker processes start at different moments; a thousand Starts at
+	// one instant would time out against a two-core machine's etcd.
+	slots := make(chan struct{}, crowdStarts)
+	for j := range n {
+		go func() {
+			slots <- struct{}{}
+			defer func() { <-slots }()
+			app := fmt.Sprintf("app-%d", j%randomApps)
+			cfg := worker.DefaultConfig()
+			cfg.AppName, cfg.Prefix, cfg.Servers = app, g.c.prefix, servers
+			cfg.Client = g.r.crowdClients[j%len(g.r.crowdClients)]
+			cfg.HTTPClient = client
+			d, err := worker.New(cfg)
+			if err == nil {
+				if err = d.Start(ctx); err != nil {
+					d.Close()
+				}
+			}
+			if err == nil {
+				cr.ws[j] = follower{name: fmt.Sprintf("%s/crowd-%d", g.name, j), d: d}
+			}
+			errs <- err
+		}()
+	}
+	var all []error
+	for range n {
+		all = append(all, <-errs)
+	}
+	if err := errors.Join(all...); err != nil {
+		return cr, fmt.Errorf("start the crowd: %w", err)
+	}
+	if _, _, err := g.waitLive(ctx, started, time.Now().Add(30*time.Second), cr.ws, ""); err != nil {
+		return cr, fmt.Errorf("the crowd of %d did not settle before the round: %w", n, err)
+	}
+	g.r.t.Logf("%s: %d crowd workers started and following in %v", g.name, n, time.Since(started).Round(time.Millisecond))
+	return cr, nil
+}
+
+// report logs-to-be what the crowd did during the step and adds it to
+// the run's count for this round.
+func (cr *crowd) report(r *randomRun) string {
+	sent, answered := cr.sent.Load(), cr.answered.Load()
+	r.crowdCount(sent, answered)
+	return fmt.Sprintf("crowd of %d sent %d HTTP requests during the step (%d answered)", len(cr.ws), sent, answered)
+}
+
+func (cr *crowd) close() {
+	if cr == nil {
+		return
+	}
+	var wg sync.WaitGroup
+	for _, w := range cr.ws {
+		if w.d != nil {
+			wg.Go(w.d.Close)
+		}
+	}
+	wg.Wait()
+	cr.tr.CloseIdleConnections()
+}
+
+// crowdTally is the crowd rounds' HTTP requests, by round.
+type crowdTally struct {
+	mu     sync.Mutex
+	rounds []string
+	sent   int64
+	answ   int64
+	groups int
+}
+
+// crowdCount adds one group's figures to the current crowd round; the
+// last group to report closes the round.
+func (r *randomRun) crowdCount(sent, answered int64) {
+	t := &r.crowdTally
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.sent += sent
+	t.answ += answered
+	t.groups++
+	if t.groups == randomGroups {
+		t.rounds = append(t.rounds, fmt.Sprintf("%d sent, %d answered", t.sent, t.answ))
+		t.sent, t.answ, t.groups = 0, 0, 0
+	}
+}
+
+func (r *randomRun) crowdSummary() string {
+	t := &r.crowdTally
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if len(t.rounds) == 0 {
+		return "no crowd round"
+	}
+	return fmt.Sprintf("%d crowd rounds of %d workers, HTTP requests to the servers per round: %v", len(t.rounds), crowdWorkers, t.rounds)
+}
