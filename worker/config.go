@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -185,8 +187,13 @@ func validHostPort(s string) error {
 	if host == "" {
 		return errors.New("no host")
 	}
-	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 || strings.Trim(port, "0123456789") != "" {
 		return errors.New("bad port")
+	}
+	// SplitHostPort keeps spaces and control characters in the host: ask
+	// the URL parser that every request will go through.
+	if u, err := url.Parse("http://" + s + "/"); err != nil || u.Host != s {
+		return errors.New("not usable as a URL host")
 	}
 	return nil
 }
