@@ -39,6 +39,7 @@ func (d *Discovery) initialState(ctx context.Context) startState {
 				// token. Only if etcd shows nobody still is the HTTP
 				// answer taken (the watch corrects it).
 				s, ok := d.round(ctx, roundInput{useEtcd: true})
+				d.metrics.round(ok)
 				if r, err = d.readOwnerKey(ctx); ok && (err != nil || r.owner.Address == "") {
 					r.owner = s
 				}
@@ -47,7 +48,9 @@ func (d *Discovery) initialState(ctx context.Context) startState {
 			return startState{etcdOK: true}
 		}
 	}
-	if s, ok := d.round(ctx, roundInput{}); ok {
+	s, ok := d.round(ctx, roundInput{})
+	d.metrics.round(ok)
+	if ok {
 		d.setCurrent(s)
 	}
 	return startState{}
@@ -469,6 +472,9 @@ func (l *loop) finished(out roundOutcome) {
 	if d.ctx.Err() != nil {
 		return
 	}
+	// Counted once handled: whoever sees the count sees its effects
+	// (OnIsolated included).
+	defer d.metrics.round(out.ok)
 	if out.ok {
 		l.failed = 0
 		if l.polling && out.gen == l.gen {

@@ -18,17 +18,16 @@ type roundInput struct {
 // round asks servers for the app's owner, in order: with etcd, the live
 // servers ranked for the app (its successor first, the owner that left
 // excluded); without, the current server; then the configured servers.
-// It resolves the app first if that is still to do.
+// It resolves the app first if that is still to do. Its caller counts it
+// (rounds_total), once it has acted on the result.
 func (d *Discovery) round(ctx context.Context, in roundInput) (Server, bool) {
 	if err := d.resolveApp(ctx, in.useEtcd); err != nil {
 		d.logger.Debug("round: app not resolved", "error", err)
-		d.metrics.round(false)
 		return Server{}, false
 	}
 	for _, c := range d.candidates(ctx, in) {
 		addr, err := d.api.acquire(ctx, c, d.AppID(), in.current.Address)
 		if err == nil {
-			d.metrics.round(true)
 			return Server{Address: addr}, true
 		}
 		d.logger.Debug("round: server did not answer", "server", c, "error", err)
@@ -36,7 +35,6 @@ func (d *Discovery) round(ctx context.Context, in roundInput) (Server, bool) {
 			break
 		}
 	}
-	d.metrics.round(false)
 	return Server{}, false
 }
 
