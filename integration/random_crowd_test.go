@@ -6,10 +6,18 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"path"
+	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+
+	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/worker"
 )
 
@@ -83,14 +91,18 @@ func (g *group) startCrowd(ctx context.Context) (*crowd, error) {
 			cfg.AppName, cfg.Prefix, cfg.Servers = app, g.c.prefix, servers
 			cfg.Client = g.r.crowdClients[j%len(g.r.crowdClients)]
 			cfg.HTTPClient = client
-			d, err := worker.New(cfg)
-			if err == nil {
-				if err = d.Start(ctx); err != nil {
+			// A worker that cannot start (etcd and the servers too busy to
+			// answer in time) is started again, as its supervisor would.
+			var err error
+			for range 3 {
+				var d *worker.Discovery
+				if d, err = worker.New(cfg); err == nil {
+					if err = d.Start(ctx); err == nil {
+						cr.ws[j] = follower{name: fmt.Sprintf("%s/crowd-%d", g.name, j), d: d}
+						break
+					}
 					d.Close()
 				}
-			}
-			if err == nil {
-				cr.ws[j] = follower{name: fmt.Sprintf("%s/crowd-%d", g.name, j), d: d}
 			}
 			errs <- err
 		}()
@@ -106,6 +118,9 @@ func (g *group) startCrowd(ctx context.Context) (*crowd, error) {
 		return cr, fmt.Errorf("the crowd of %d did not settle before the round: %w", n, err)
 	}
 	g.r.t.Logf("%s: %d crowd workers started and following in %v", g.name, n, time.Since(started).Round(time.Millisecond))
+	if g.r.crowdStarted.Add(1) == randomGroups {
+		g.r.crowdEtcd.reset() // count from when the whole crowd is up
+	}
 	return cr, nil
 }
 
@@ -141,7 +156,8 @@ type crowdTally struct {
 }
 
 // crowdCount adds one group's figures to the current crowd round; the
-// last group to report closes the round.
+// last group to report closes the round, with what the whole crowd asked
+// etcd since the round began.
 func (r *randomRun) crowdCount(sent, answered int64) {
 	t := &r.crowdTally
 	t.mu.Lock()
@@ -150,9 +166,89 @@ func (r *randomRun) crowdCount(sent, answered int64) {
 	t.answ += answered
 	t.groups++
 	if t.groups == randomGroups {
-		t.rounds = append(t.rounds, fmt.Sprintf("%d sent, %d answered", t.sent, t.answ))
+		t.rounds = append(t.rounds, fmt.Sprintf("%d sent, %d answered (etcd: %s)", t.sent, t.answ, r.crowdEtcd.String()))
 		t.sent, t.answ, t.groups = 0, 0, 0
 	}
+}
+
+// crowdEtcdClients dials the crowd's shared etcd clients, counting what
+// they ask etcd.
+func (r *randomRun) crowdEtcdClients() []*clientv3.Client {
+	var out []*clientv3.Client
+	for range crowdClients {
+		// Silent: a thousand workers' retries during the leader loss, each
+		// logged through t.Log, cost the two cores etcd needs.
+		cfg := coord.ClientConfig(r.etcd.Endpoints(), hclog.NewNullLogger())
+		cfg.DialOptions = append(cfg.DialOptions,
+			grpc.WithChainUnaryInterceptor(r.crowdEtcd.unary), grpc.WithChainStreamInterceptor(r.crowdEtcd.stream))
+		cli, err := clientv3.New(cfg)
+		if err != nil {
+			r.t.Fatal(err)
+		}
+		r.t.Cleanup(func() { cli.Close() })
+		out = append(out, cli)
+	}
+	return out
+}
+
+// etcdCount counts the requests a client sends etcd: unary calls, and
+// messages on streams (a watch created or cancelled is one), by method.
+type etcdCount struct {
+	mu sync.Mutex
+	by map[string]int
+}
+
+func (c *etcdCount) add(method string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.by == nil {
+		c.by = map[string]int{}
+	}
+	c.by[path.Base(method)]++
+}
+
+func (c *etcdCount) reset() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.by = nil
+}
+
+func (c *etcdCount) String() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var s []string
+	for m, n := range c.by {
+		s = append(s, fmt.Sprintf("%s %d", m, n))
+	}
+	sort.Strings(s)
+	if len(s) == 0 {
+		return "nothing"
+	}
+	return strings.Join(s, ", ")
+}
+
+func (c *etcdCount) unary(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	c.add(method)
+	return invoker(ctx, method, req, reply, cc, opts...)
+}
+
+func (c *etcdCount) stream(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	cs, err := streamer(ctx, desc, cc, method, opts...)
+	if err != nil {
+		return cs, err
+	}
+	return countedStream{ClientStream: cs, c: c, method: method}, nil
+}
+
+type countedStream struct {
+	grpc.ClientStream
+	c      *etcdCount
+	method string
+}
+
+func (s countedStream) SendMsg(m any) error {
+	s.c.add(s.method)
+	return s.ClientStream.SendMsg(m)
 }
 
 func (r *randomRun) crowdSummary() string {

@@ -104,21 +104,9 @@ func (g *group) loop(ctx context.Context) error {
 				return err
 			}
 		}
-		// A crowd starts while the other groups finish their blocks.
-		var cr *crowd
-		if !r.done() && r.crowdNext() {
-			var err error
-			if cr, err = g.startCrowd(ctx); err != nil {
-				cr.close()
-				return fmt.Errorf("%s before step %d (etcd round): %w", g.name, g.step+1, err)
-			}
-		}
 		err := r.bar.wait(ctx, r.nextRound)
 		if err == nil && !r.stopping.Load() {
-			err = g.etcdStep(ctx, cr)
-		}
-		if cr != nil {
-			cr.close()
+			err = g.etcdStep(ctx)
 		}
 		if err != nil || r.stopping.Load() {
 			return err
@@ -189,19 +177,21 @@ func (g *group) localStep(ctx context.Context) error {
 
 // etcdStep is a group's part in an etcd round: mostly a takeover under
 // way when etcd fails (c), sometimes nothing but the etcd fault. In a
-// crowd round (the etcd leader alone fails) the group's share of the
-// thousand watching workers (cr, started before the round) must follow
-// too.
-func (g *group) etcdStep(ctx context.Context, cr *crowd) error {
+// crowd round (the etcd leader alone fails) the group first starts its
+// share of the thousand watching workers, and they must follow too.
+func (g *group) etcdStep(ctx context.Context) error {
 	g.step++
 	o := outcome{kind: "etcd", what: "no takeover under way, then", started: time.Now()}
 	if g.r.crowdRound.Load() {
-		if cr == nil {
-			return fmt.Errorf("%s step %d: a crowd round, and no crowd started", g.name, g.step)
+		// Every group is between steps: a crowd starting while others
+		// run theirs would starve their servers of etcd.
+		cr, err := g.startCrowd(ctx)
+		defer cr.close()
+		if err != nil {
+			return fmt.Errorf("%s step %d (etcd round): %w", g.name, g.step, err)
 		}
 		o.crowd = cr
-		cr.sent.Store(0) // count from here
-		cr.answered.Store(0)
+		o.started = time.Now()
 	}
 	var heal func() error
 	if g.rng.IntN(100) < 85 {

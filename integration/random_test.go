@@ -119,9 +119,7 @@ func TestRandomFaults(t *testing.T) {
 
 	r.etcd = testutil.Etcd(t, 3)
 	cli := testutil.Client(t, r.etcd) // the workers'
-	for range crowdClients {
-		r.crowdClients = append(r.crowdClients, testutil.Client(t, r.etcd))
-	}
+	r.crowdClients = r.crowdEtcdClients()
 	var groups []*group
 	for i := range randomGroups {
 		groups = append(groups, r.newGroup(i, cli))
@@ -217,6 +215,8 @@ type randomRun struct {
 	etcdRounds   atomic.Int64 // etcd rounds begun; changed only by the barrier's action
 	crowdRound   atomic.Bool  // whether this etcd round is a crowd round
 	crowdClients []*clientv3.Client
+	crowdEtcd    etcdCount    // what the crowd asks etcd, from when all of it is up
+	crowdStarted atomic.Int64 // groups whose crowd is up, this round
 	crowdTally   crowdTally
 
 	mu    sync.Mutex
@@ -281,6 +281,7 @@ func (r *randomRun) nextRound() {
 	r.stopping.Store(r.done())
 	r.crowdRound.Store(r.crowdNext())
 	r.etcdRounds.Add(1)
+	r.crowdStarted.Store(0)
 }
 
 // crowdNext says whether the next etcd round is a crowd round.
