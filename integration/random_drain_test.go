@@ -75,14 +75,20 @@ func (g *group) pickDrained() *proc {
 	return g.c.nodes[owners[g.rng.IntN(len(owners))]]
 }
 
+// beginDrain describes the drain of p in o and starts watching p's
+// membership key, which the drain must never write again.
+func (g *group) beginDrain(ctx context.Context, p *proc, o *outcome, how string) (*memberWatch, error) {
+	o.what = fmt.Sprintf("/admin/drain %s (TTL %v, %d apps)%s", p.id, g.c.ttlOf(p.id), g.actsFor(p), how)
+	return g.c.watchMember(ctx, p.id)
+}
+
 // drainHangUp (drain-hangup): the request's client hangs up as soon as it
 // has sent it; the drain must run to its end all the same. A second
 // /admin/drain, sent once the node answers pings as draining, returns
 // the one drain's outcome.
 func (g *group) drainHangUp(ctx context.Context, p *proc) (outcome, error) {
 	o := outcome{kind: "drain-hangup"}
-	o.what = fmt.Sprintf("/admin/drain %s (TTL %v, %d apps) from a client that hung up at once", p.id, g.c.ttlOf(p.id), g.actsFor(p))
-	mw, err := g.c.watchMember(ctx, p.id)
+	mw, err := g.beginDrain(ctx, p, &o, " from a client that hung up at once")
 	if err != nil {
 		return o, err
 	}
@@ -110,8 +116,7 @@ func (g *group) drainHangUp(ctx context.Context, p *proc) (outcome, error) {
 func (g *group) drainThenCut(ctx context.Context, p *proc) (outcome, error) {
 	o := outcome{kind: "drain-lease-loss"}
 	ttl := g.c.ttlOf(p.id)
-	o.what = fmt.Sprintf("/admin/drain %s (TTL %v, %d apps)", p.id, ttl, g.actsFor(p))
-	mw, err := g.c.watchMember(ctx, p.id)
+	mw, err := g.beginDrain(ctx, p, &o, "")
 	if err != nil {
 		return o, err
 	}
@@ -151,8 +156,7 @@ func (g *group) drainThenCut(ctx context.Context, p *proc) (outcome, error) {
 func (g *group) drainCutPastTTL(ctx context.Context, p *proc) (outcome, error) {
 	o := outcome{kind: "drain-cut", compound: true}
 	ttl := g.c.ttlOf(p.id)
-	o.what = fmt.Sprintf("/admin/drain %s (TTL %v, %d apps)", p.id, ttl, g.actsFor(p))
-	mw, err := g.c.watchMember(ctx, p.id)
+	mw, err := g.beginDrain(ctx, p, &o, "")
 	if err != nil {
 		return o, err
 	}
@@ -187,9 +191,7 @@ func (g *group) drainFails(ctx context.Context, p *proc) (outcome, error) {
 		o.kind = "drain-fail-stop"
 		fault, heal, how = func() { p.signal(syscall.SIGSTOP) }, func() { p.signal(syscall.SIGCONT) }, "paused (SIGSTOP)"
 	}
-	ttl := g.c.ttlOf(p.id)
-	o.what = fmt.Sprintf("/admin/drain %s (TTL %v, %d apps)", p.id, ttl, g.actsFor(p))
-	mw, err := g.c.watchMember(ctx, p.id)
+	mw, err := g.beginDrain(ctx, p, &o, "")
 	if err != nil {
 		return o, err
 	}

@@ -2,6 +2,7 @@ package worker_test
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -85,18 +86,6 @@ func TestAnHTTPAnswerDoesNotOverrideEtcdBetweenWatches(t *testing.T) {
 	testutil.Eventually(t, 5*time.Second, "the report's round to finish", func() bool {
 		return w.metric(t, "baton_worker_rounds_total", "") > 0
 	})
-	// Applied microseconds after it is counted; give it a moment.
-	window := time.After(300 * time.Millisecond)
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		if cur, _ := w.discovery.Current(); cur != want {
-			t.Fatalf("an HTTP answer (asked %d times) replaced the owner etcd names while etcd serves the worker: %+v → %+v", asked.Load(), want, cur)
-		}
-		select {
-		case <-tick.C:
-		case <-window:
-			return
-		}
-	}
+	w.keepsServer(t, want, 300*time.Millisecond,
+		fmt.Sprintf("an HTTP answer (asked %d times) replaced the owner etcd names while etcd serves the worker", asked.Load()))
 }

@@ -124,6 +124,27 @@ func startWorker(t testing.TB, app string, edit func(*worker.Config)) *recorder 
 	return r
 }
 
+// keepsServer fails the test if the worker's Current differs from want
+// at any moment during window (checked every 5 ms): a round's result is
+// applied just after it is counted, so a test that waited for the count
+// looks a little longer.
+func (r *recorder) keepsServer(t testing.TB, want worker.Server, window time.Duration, what string) {
+	t.Helper()
+	end := time.After(window)
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if cur, _ := r.discovery.Current(); cur != want {
+			t.Fatalf("%s: %+v → %+v", what, want, cur)
+		}
+		select {
+		case <-tick.C:
+		case <-end:
+			return
+		}
+	}
+}
+
 func (r *recorder) current() string {
 	s, _ := r.discovery.Current()
 	return s.Address

@@ -257,21 +257,7 @@ func TestAnHTTPAnswerNeverOverridesEtcdWhileWatching(t *testing.T) {
 	testutil.Eventually(t, 5*time.Second, "the round to finish", func() bool {
 		return w.metric(t, "baton_worker_rounds_total", "") > 0
 	})
-	// The loop applies a round's result microseconds after counting it;
-	// watch for half a second that nothing replaces the owner.
-	window := time.After(500 * time.Millisecond)
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		if now, _ := w.discovery.Current(); now != before {
-			t.Fatalf("an HTTP answer replaced the owner etcd names: %+v → %+v", before, now)
-		}
-		select {
-		case <-tick.C:
-		case <-window:
-			return
-		}
-	}
+	w.keepsServer(t, before, 500*time.Millisecond, "an HTTP answer replaced the owner etcd names")
 }
 
 // A lazy Start returns at once, even when every configured server hangs
