@@ -85,9 +85,9 @@
 //	etcd, err := embedded.Start(embedded.Config{})
 //	if err != nil { ... }
 //	defer etcd.Close()
-//	keys, _ := coord.NewKeys("")
-//	app, err := coord.NewRegistry(etcd.Client(), keys).Register(ctx, "my-app")
-//	session, err := coord.NewSession(ctx, coord.SessionConfig{Client: etcd.Client(), Keys: keys})
+//	registry, err := coord.NewRegistry(etcd.Client(), coord.DefaultPrefix)
+//	app, err := registry.Register(ctx, "my-app")
+//	session, err := coord.NewSession(ctx, coord.SessionConfig{Client: etcd.Client()})
 //	defer session.Close(ctx)
 //	epoch := session.Epoch()
 //	if epoch.Check() == nil {

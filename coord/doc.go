@@ -1,8 +1,8 @@
-// Package coord holds what every side of baton shares: the etcd key
-// layout (Keys), the app registry (Registry), the records stored under the
-// keys, the lease-guarded server session (Session), live-server membership
-// and the successor choice, and an embedded etcd for examples and tests
-// (Embedded).
+// Package coord holds what every side of baton shares: the app registry
+// (Registry), the records stored under baton's keys, the lease-guarded
+// server session (Session), live-server membership and the successor
+// choice, and the etcd client settings (ClientConfig, Dial). An embedded
+// etcd for examples and tests is in coord/embedded.
 //
 // # The session and its guard
 //
@@ -13,8 +13,9 @@
 //
 //  1. sends a keepalive, which must be acknowledged with a TTL above zero,
 //  2. sends a linearizable count-only read, which returns revision R, and
-//  3. if a watch is attached (AttachWatch), waits until its owner reports
-//     (WatchCaughtUp) that the watch has delivered everything up to R,
+//  3. if the server's elector has attached its watch of the ownership
+//     range, waits until the elector reports that the watch has
+//     delivered everything up to R,
 //     asking etcd for a progress notification to get there.
 //
 // Such a round confirms the lease as of t: etcd cannot expire it before
@@ -31,7 +32,7 @@
 // and starts an epoch on that.
 //
 // The linearizable read counts the whole ownership range (owner keys and
-// displacement markers, Keys.OwnershipRange), which the attached watch
+// displacement markers), which the attached watch
 // covers. A watch response proves delivery up to its last event's
 // revision, or — for a progress notification — its header's.
 //

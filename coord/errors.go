@@ -1,16 +1,20 @@
 package coord
 
-import "errors"
+import (
+	"errors"
+
+	"github.com/batonhq/baton/internal/keyspace"
+)
 
 // Errors returned by this package. Test for them with errors.Is; most are
 // wrapped with details.
 var (
-	// ErrInvalidPrefix: a key prefix breaks a rule of NewKeys.
-	ErrInvalidPrefix = errors.New("coord: invalid key prefix")
+	// ErrInvalidPrefix: a key prefix breaks a rule of ValidatePrefix.
+	ErrInvalidPrefix = keyspace.ErrInvalidPrefix
 	// ErrInvalidAppName: an app name breaks a rule of ValidateName.
-	ErrInvalidAppName = errors.New("coord: invalid app name")
+	ErrInvalidAppName = keyspace.ErrInvalidAppName
 	// ErrInvalidServerID: a server id breaks a rule of ValidateName.
-	ErrInvalidServerID = errors.New("coord: invalid server id")
+	ErrInvalidServerID = keyspace.ErrInvalidServerID
 	// ErrUnknownApp: no app is registered under that name or id.
 	ErrUnknownApp = errors.New("coord: unknown app")
 	// ErrCorruptRecord: a value read from etcd is not a record this

@@ -2,9 +2,6 @@ package coord
 
 import "time"
 
-// UnescapeForTest exposes unescape to the external tests.
-var UnescapeForTest = unescape
-
 // SuspendForTest advances s's guard clock by d without any time passing
 // for Go's timers: what a host suspend of d does to CLOCK_BOOTTIME and to
 // CLOCK_MONOTONIC.

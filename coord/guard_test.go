@@ -13,6 +13,8 @@ import (
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/etcdcluster"
+	"github.com/batonhq/baton/internal/hooks"
+	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
@@ -52,7 +54,7 @@ func guardTrial(t *testing.T, e *etcdcluster.Cluster, trial int) (guardFired, le
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Abandon()
+	defer hooks.AbandonSession(s)
 
 	observer := e.Client()
 	key := fmt.Sprintf("/guard/%d", trial)
@@ -127,18 +129,18 @@ func attachStallableWatch(t *testing.T, cli *clientv3.Client, s *coord.Session) 
 	w := &stallableWatch{}
 	ctx, cancel := context.WithCancel(context.Background())
 	wctx := clientv3.WithRequireLeader(ctx)
-	watch := cli.Watch(wctx, s.Keys().OwnerPrefix(), clientv3.WithPrefix())
+	watch := cli.Watch(wctx, keyspaceOf(s).OwnerPrefix(), clientv3.WithPrefix())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		for resp := range watch {
 			if !w.stalled.Load() {
-				s.WatchCaughtUp(resp.Header.Revision)
+				hooks.WatchCaughtUp(s, resp.Header.Revision)
 			}
 		}
 	}()
 	t.Cleanup(func() { cancel(); <-done })
-	s.AttachWatch(func(context.Context) error {
+	hooks.AttachWatch(s, func(context.Context) error {
 		w.requests.Add(1)
 		return cli.RequestProgress(wctx)
 	})
@@ -249,4 +251,9 @@ func TestALeaseKeptAliveButNeverConfirmedIsGivenUp(t *testing.T) {
 	if leases.Load() < 2 {
 		t.Errorf("OnLease ran %d times; the new lease must be announced", leases.Load())
 	}
+}
+
+func keyspaceOf(s *coord.Session) keyspace.Keys {
+	k, _ := keyspace.New(s.Prefix())
+	return k
 }

@@ -13,18 +13,24 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/internal/backoff"
+	"github.com/batonhq/baton/internal/keyspace"
 )
 
 // ErrServerIDTaken: another live lease holds the server id.
 var ErrServerIDTaken = errors.New("coord: server id registered by another live server")
 
 // MembershipOnLease returns an OnLease callback for a SessionConfig that
-// writes rec under keys.Server(rec.ServerID), bound to each new lease. If
+// writes rec as server rec.ServerID's membership key under prefix ("" means
+// DefaultPrefix), bound to each new lease. If
 // the key is held by another lease — a second process with the same id,
 // or this process's previous incarnation whose lease has not expired yet —
 // the callback fails with ErrServerIDTaken, and the session retries until
 // that lease is gone: two live servers never share an id.
-func MembershipOnLease(cli *clientv3.Client, keys Keys, rec ServerRecord) (func(context.Context, clientv3.LeaseID) error, error) {
+func MembershipOnLease(cli *clientv3.Client, prefix string, rec ServerRecord) (func(context.Context, clientv3.LeaseID) error, error) {
+	keys, err := keyspace.New(prefix)
+	if err != nil {
+		return nil, err
+	}
 	key, err := keys.Server(rec.ServerID)
 	if err != nil {
 		return nil, err
@@ -63,7 +69,7 @@ func MembershipOnLease(cli *clientv3.Client, keys Keys, rec ServerRecord) (func(
 // {p}/servers/. It is safe for concurrent use; reads never block on etcd.
 type Members struct {
 	cli    *clientv3.Client
-	keys   Keys
+	keys   keyspace.Keys
 	logger hclog.Logger
 
 	ctx       context.Context
@@ -76,9 +82,14 @@ type Members struct {
 	changed chan struct{} // closed and replaced at every change
 }
 
-// WatchMembers reads the live servers and keeps watching them until Close.
-// It fails if the first read does not succeed before ctx ends.
-func WatchMembers(ctx context.Context, cli *clientv3.Client, keys Keys, logger hclog.Logger) (*Members, error) {
+// WatchMembers reads the live servers under prefix ("" means
+// DefaultPrefix) and keeps watching them until Close. It fails if the
+// first read does not succeed before ctx ends.
+func WatchMembers(ctx context.Context, cli *clientv3.Client, prefix string, logger hclog.Logger) (*Members, error) {
+	keys, err := keyspace.New(prefix)
+	if err != nil {
+		return nil, err
+	}
 	if logger == nil {
 		logger = hclog.NewNullLogger()
 	}

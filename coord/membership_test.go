@@ -10,13 +10,15 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/hooks"
+	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
 func serverSession(t *testing.T, ctx context.Context, cli *clientv3.Client, id string) (*coord.Session, error) {
 	t.Helper()
-	keys, _ := coord.NewKeys("")
-	register, err := coord.MembershipOnLease(cli, keys, coord.ServerRecord{
+	keys, _ := keyspace.New("")
+	register, err := coord.MembershipOnLease(cli, keys.Prefix(), coord.ServerRecord{
 		ServerID:  id,
 		Protocols: coord.Protocols{coord.ProtocolHTTP: {Address: id + ":7700"}},
 		StartedAt: time.Now(),
@@ -40,8 +42,8 @@ func TestMembersFollowSessionsAndCompaction(t *testing.T) {
 	cli := e.Client()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	keys, _ := coord.NewKeys("")
-	m, err := coord.WatchMembers(ctx, cli, keys, testutil.Logger(t))
+	keys, _ := keyspace.New("")
+	m, err := coord.WatchMembers(ctx, cli, keys.Prefix(), testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,12 +53,12 @@ func TestMembersFollowSessionsAndCompaction(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s1.Abandon()
+	defer hooks.AbandonSession(s1)
 	s2, err := serverSession(t, ctx, cli, "s2")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s2.Abandon()
+	defer hooks.AbandonSession(s2)
 	testutil.Eventually(t, 5*time.Second, "both servers listed", func() bool {
 		return slices.Equal(memberIDs(m), []string{"s1", "s2"})
 	})
@@ -86,8 +88,8 @@ func TestMembersRecoverFromCompaction(t *testing.T) {
 	e := testutil.Etcd(t, 3)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	keys, _ := coord.NewKeys("")
-	m, err := coord.WatchMembers(ctx, testutil.Client(t, e, e.Endpoint(0)), keys, testutil.Logger(t))
+	keys, _ := keyspace.New("")
+	m, err := coord.WatchMembers(ctx, testutil.Client(t, e, e.Endpoint(0)), keys.Prefix(), testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,7 +103,7 @@ func TestMembersRecoverFromCompaction(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s1.Abandon()
+	defer hooks.AbandonSession(s1)
 	put, _ := others.Put(ctx, "/elsewhere", "x")
 	if _, err := others.Compact(ctx, put.Header.Revision, clientv3.WithCompactPhysical()); err != nil {
 		t.Fatal(err)
@@ -117,7 +119,7 @@ func TestMembersRecoverFromCompaction(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s2.Abandon()
+	defer hooks.AbandonSession(s2)
 	testutil.Eventually(t, 5*time.Second, "s2 seen", func() bool {
 		return slices.Equal(memberIDs(m), []string{"s1", "s2"})
 	})

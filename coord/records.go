@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"time"
+
+	"github.com/batonhq/baton/internal/keyspace"
 )
 
 // RecordVersion is the format version of every record this baton writes.
@@ -173,7 +175,7 @@ func (r AppRecord) validate() error {
 	if r.ID <= 0 {
 		return fmt.Errorf("app id %d is not positive", r.ID)
 	}
-	if err := validateName("app name", r.Name); err != nil {
+	if err := keyspace.ValidateName("app name", r.Name); err != nil {
 		return err
 	}
 	if r.CreatedAt.IsZero() {
@@ -190,7 +192,7 @@ func (r *OwnerRecord) validateDecoded() error {
 }
 
 func (r OwnerRecord) validate() error {
-	if err := validateName("server id", r.ServerID); err != nil {
+	if err := keyspace.ValidateName("server id", r.ServerID); err != nil {
 		return err
 	}
 	if err := r.Protocols.validate(); err != nil {
@@ -219,7 +221,7 @@ func (r *ServerRecord) validateDecoded() error {
 }
 
 func (r ServerRecord) validate() error {
-	if err := validateName("server id", r.ServerID); err != nil {
+	if err := keyspace.ValidateName("server id", r.ServerID); err != nil {
 		return err
 	}
 	if err := r.Protocols.validate(); err != nil {
@@ -238,7 +240,7 @@ func (p Protocols) validate() error {
 		return fmt.Errorf("protocols lack %q", ProtocolHTTP)
 	}
 	for name, ep := range p {
-		if err := validateName("protocol name", name); err != nil {
+		if err := keyspace.ValidateName("protocol name", name); err != nil {
 			return err
 		}
 		if ep.Address == "" {

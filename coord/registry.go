@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/batonhq/baton/internal/keyspace"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
@@ -18,13 +19,18 @@ import (
 // A Registry is safe for concurrent use; it never closes the client.
 type Registry struct {
 	cli  *clientv3.Client
-	keys Keys
+	keys keyspace.Keys
 	now  func() time.Time
 }
 
-// NewRegistry returns the registry stored under keys.
-func NewRegistry(cli *clientv3.Client, keys Keys) *Registry {
-	return &Registry{cli: cli, keys: keys, now: time.Now}
+// NewRegistry returns the registry stored under prefix ("" means
+// DefaultPrefix). It fails only for an invalid prefix (ErrInvalidPrefix).
+func NewRegistry(cli *clientv3.Client, prefix string) (*Registry, error) {
+	keys, err := keyspace.New(prefix)
+	if err != nil {
+		return nil, err
+	}
+	return &Registry{cli: cli, keys: keys, now: time.Now}, nil
 }
 
 // Register returns the id of the app called name, allocating one if the

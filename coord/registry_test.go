@@ -11,13 +11,14 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
 func TestRegistryConcurrentRegistrationGivesOneIDPerName(t *testing.T) {
 	e := testutil.Etcd(t, 1)
-	keys, _ := coord.NewKeys("/reg")
-	reg := coord.NewRegistry(e.Client(), keys)
+	keys, _ := keyspace.New("/reg")
+	reg, _ := coord.NewRegistry(e.Client(), keys.Prefix())
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 
@@ -82,8 +83,8 @@ func TestRegistryConcurrentRegistrationGivesOneIDPerName(t *testing.T) {
 
 func TestRegistryRefusesBadInputAndWritesNothing(t *testing.T) {
 	e := testutil.Etcd(t, 1)
-	keys, _ := coord.NewKeys("/reg")
-	reg := coord.NewRegistry(e.Client(), keys)
+	keys, _ := keyspace.New("/reg")
+	reg, _ := coord.NewRegistry(e.Client(), keys.Prefix())
 	ctx := context.Background()
 
 	for _, name := range []string{"", string(make([]byte, 200)), "a\nb", "\xff"} {
@@ -108,8 +109,8 @@ func TestRegistryRefusesBadInputAndWritesNothing(t *testing.T) {
 
 func TestRegistryReportsCorruptRecords(t *testing.T) {
 	e := testutil.Etcd(t, 1)
-	keys, _ := coord.NewKeys("")
-	reg := coord.NewRegistry(e.Client(), keys)
+	keys, _ := keyspace.New("")
+	reg, _ := coord.NewRegistry(e.Client(), keys.Prefix())
 	ctx := context.Background()
 	nameKey, _ := keys.AppName("x")
 	e.Client().Put(ctx, nameKey, "{not json")

@@ -13,6 +13,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/internal/backoff"
+	"github.com/batonhq/baton/internal/keyspace"
 )
 
 // SessionConfig configures a Session. Durations derived from the TTL are
@@ -21,9 +22,9 @@ type SessionConfig struct {
 	// Client is the caller's etcd client; the session never closes it.
 	// Required.
 	Client *clientv3.Client
-	// Keys is the key layout; its owner prefix is what each round's
-	// linearizable read counts. The zero value means NewKeys("").
-	Keys Keys
+	// Prefix is the etcd key prefix of the deployment; each round's
+	// linearizable read counts its owner keys. Default DefaultPrefix.
+	Prefix string
 	// TTL is the lease TTL to ask etcd for, a whole number of seconds, at
 	// least 1 s. Default 5 s. etcd may grant more (2 s minimum with
 	// default raft timings); the session then uses what was granted.
@@ -66,8 +67,11 @@ func (c *SessionConfig) withDefaults() (SessionConfig, error) {
 	if out.Client == nil {
 		return out, fmt.Errorf("coord: %w: SessionConfig.Client is nil", ErrInvalidConfig)
 	}
-	if out.Keys.prefix == "" {
-		out.Keys, _ = NewKeys("")
+	if err := ValidatePrefix(out.Prefix); err != nil {
+		return out, fmt.Errorf("coord: %w: SessionConfig.Prefix (%q): %v", ErrInvalidConfig, out.Prefix, err)
+	}
+	if out.Prefix == "" {
+		out.Prefix = DefaultPrefix
 	}
 	if out.TTL == 0 {
 		out.TTL = 5 * time.Second
@@ -110,6 +114,7 @@ func (c *SessionConfig) timings(ttl time.Duration) (margin, interval time.Durati
 // concurrent use; Close stops everything it started.
 type Session struct {
 	cfg     SessionConfig
+	keys    keyspace.Keys
 	cli     *clientv3.Client
 	logger  hclog.Logger
 	clock   *bootClock
@@ -142,8 +147,10 @@ func NewSession(ctx context.Context, cfg SessionConfig) (*Session, error) {
 	if err != nil {
 		return nil, err
 	}
+	keys, _ := keyspace.New(cfg.Prefix) // validated by withDefaults
 	s := &Session{
 		cfg:      cfg,
+		keys:     keys,
 		cli:      cfg.Client,
 		logger:   cfg.Logger.Named("session"),
 		clock:    newBootClock(),
@@ -407,7 +414,7 @@ func (s *Session) round(ctx context.Context) roundResult {
 		return res
 	}
 	res.ttl = time.Duration(ka.TTL) * time.Second
-	start, end := s.cfg.Keys.OwnershipRange()
+	start, end := s.keys.OwnershipRange()
 	get, err := s.cli.Get(ctx, start, clientv3.WithRange(end), clientv3.WithCountOnly())
 	readDone = time.Duration(s.clock.now() - res.start)
 	if err != nil {
@@ -537,8 +544,8 @@ func (s *Session) Margin() time.Duration {
 	return m
 }
 
-// Keys returns the key layout the session was configured with.
-func (s *Session) Keys() Keys { return s.cfg.Keys }
+// Prefix returns the etcd key prefix the session was configured with.
+func (s *Session) Prefix() string { return s.cfg.Prefix }
 
 // Client returns the etcd client the session uses.
 func (s *Session) Client() *clientv3.Client { return s.cli }
@@ -563,10 +570,9 @@ func (s *Session) Close(ctx context.Context) error {
 	return s.revoke(ctx)
 }
 
-// Abandon stops the session without revoking its lease, as a crash would:
-// the lease and its keys live until etcd expires them. For tests and
-// demos of failover.
-func (s *Session) Abandon() { s.shutdown() }
+// abandon stops the session without revoking its lease, as a crash would:
+// the lease and its keys live until etcd expires them (hooks.AbandonSession).
+func (s *Session) abandon() { s.shutdown() }
 
 func (s *Session) shutdown() bool {
 	s.mu.Lock()

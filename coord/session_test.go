@@ -12,6 +12,7 @@ import (
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/etcdcluster"
+	"github.com/batonhq/baton/internal/hooks"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
@@ -23,7 +24,7 @@ func newSession(t *testing.T, cli *clientv3.Client, ttl time.Duration, onLease f
 	if err != nil {
 		t.Fatalf("new session: %v", err)
 	}
-	t.Cleanup(s.Abandon)
+	t.Cleanup(func() { hooks.AbandonSession(s) })
 	return s
 }
 

@@ -18,32 +18,32 @@ type watchTracker struct {
 
 func (w *watchTracker) init() { w.reported = make(chan struct{}) }
 
-// AttachWatch declares that the caller owns the server's watch of the
-// owner keys (Keys.OwnerPrefix). From now on a round confirms only once
+// attachWatch declares that the caller owns the server's watch of the
+// ownership range (hooks.AttachWatch). From now on a round confirms only once
 // the watch has delivered everything up to the round's read revision, as
-// reported by WatchCaughtUp. requestProgress must ask etcd for a progress
+// reported by watchCaughtUp. requestProgress must ask etcd for a progress
 // notification on that watch (clientv3.Watcher.RequestProgress with the
 // watch's context); it must not block beyond ctx. A session has at most
 // one watch; attaching again replaces it.
-func (s *Session) AttachWatch(requestProgress func(ctx context.Context) error) {
+func (s *Session) attachWatch(requestProgress func(ctx context.Context) error) {
 	s.watch.mu.Lock()
 	defer s.watch.mu.Unlock()
 	s.watch.request = requestProgress
 	s.watch.rev = 0
 }
 
-// DetachWatch undoes AttachWatch: rounds no longer wait for a watch. Call
+// detachWatch undoes attachWatch: rounds no longer wait for a watch. Call
 // it only when the server owns nothing.
-func (s *Session) DetachWatch() {
+func (s *Session) detachWatch() {
 	s.watch.mu.Lock()
 	defer s.watch.mu.Unlock()
 	s.watch.request = nil
 }
 
-// WatchCaughtUp reports that the attached watch has delivered, and its
+// watchCaughtUp reports that the attached watch has delivered, and its
 // owner has processed, every event up to revision rev (the header revision
 // of a watch response, events or progress notification). It never blocks.
-func (s *Session) WatchCaughtUp(rev int64) {
+func (s *Session) watchCaughtUp(rev int64) {
 	s.watch.mu.Lock()
 	defer s.watch.mu.Unlock()
 	if rev > s.watch.rev {

@@ -427,7 +427,7 @@ func TestTakeoverActivatedOnAShortEpochEndsWithIt(t *testing.T) {
 	clock := newManualClock()
 	starts := make(chan time.Time, 64)
 	aCfg := withConfig(func(cfg *election.Config) {
-		cfg.Clock = clock
+		election.SetClock(cfg, clock)
 		cfg.Logger = testutil.Logger(t).Named(cfg.ServerID)
 		cfg.Logger.SetLevel(hclog.Info) // no per-app debug logs while the CPU is held
 	})

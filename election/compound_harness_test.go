@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/hooks"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
@@ -77,7 +78,7 @@ func (c *cluster) cutOff(t testing.TB, n *node) (heal func()) {
 // revoking its lease, and the elector closes with no time to hand
 // anything over.
 func crash(n *node) {
-	n.session.Abandon()
+	hooks.AbandonSession(n.session)
 	gone, cancel := context.WithCancel(context.Background())
 	cancel()
 	n.el.Close(gone)

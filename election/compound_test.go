@@ -19,6 +19,7 @@ import (
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/election"
+	"github.com/batonhq/baton/internal/hooks"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
@@ -315,7 +316,7 @@ func TestCloseReturnsWithinItsContextWhenEtcdIsUnreachable(t *testing.T) {
 		cli := testutil.Client(t, c.etcd, url)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		s, err := coord.NewSession(ctx, coord.SessionConfig{Client: cli, Keys: c.keys, TTL: time.Second, Logger: testutil.Logger(t)})
+		s, err := coord.NewSession(ctx, coord.SessionConfig{Client: cli, Prefix: c.keys.Prefix(), TTL: time.Second, Logger: testutil.Logger(t)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -323,7 +324,7 @@ func TestCloseReturnsWithinItsContextWhenEtcdIsUnreachable(t *testing.T) {
 		p.PauseRx()
 		heal := func() { p.UnpauseTx(); p.UnpauseRx() }
 		t.Cleanup(heal)
-		t.Cleanup(s.Abandon)
+		t.Cleanup(func() { hooks.AbandonSession(s) })
 		return s, heal
 	}
 	t.Run("Session.Close", func(t *testing.T) {
@@ -337,11 +338,11 @@ func TestCloseReturnsWithinItsContextWhenEtcdIsUnreachable(t *testing.T) {
 			t.Errorf("Session.Close with a %v ctx and etcd unreachable had not returned after %v (returned after %v once healed)", bound, bound+slack, took)
 		}
 	})
-	t.Run("Session.Abandon", func(t *testing.T) {
+	t.Run("abandoned session", func(t *testing.T) {
 		s, heal := session(t)
-		took, ok := returnsWithin(t, 500*time.Millisecond, 20*time.Second, heal, s.Abandon)
+		took, ok := returnsWithin(t, 500*time.Millisecond, 20*time.Second, heal, func() { hooks.AbandonSession(s) })
 		if !ok {
-			t.Errorf("Session.Abandon with etcd unreachable had not returned after 500 ms (returned after %v once healed)", took)
+			t.Errorf("an abandoned session with etcd unreachable had not returned after 500 ms (returned after %v once healed)", took)
 		}
 	})
 }
@@ -363,7 +364,7 @@ func TestEndedAtIsSetWhenClosedWithAnEndedContext(t *testing.T) {
 			apps := c.registerN(t, 64)
 			electAll(t, c, a, apps)
 			if tc.abandon {
-				a.session.Abandon()
+				hooks.AbandonSession(a.session)
 			}
 			gone, cancel := context.WithCancel(context.Background())
 			cancel()

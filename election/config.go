@@ -36,10 +36,10 @@ type Callbacks struct {
 	OnLose    func(app int64, token int64, reason Reason)
 }
 
-// Clock is the time source of the ping memory and of resignation periods;
-// tests can replace it. The guard itself always runs on the session's
-// clock (CLOCK_BOOTTIME on Linux).
-type Clock interface {
+// clock is the time source of the ping memory and of resignation periods;
+// tests replace it (export_test.go). The guard itself always runs on the
+// session's clock (CLOCK_BOOTTIME on Linux).
+type clock interface {
 	Now() time.Time
 	AfterFunc(d time.Duration, f func()) interface{ Stop() bool }
 }
@@ -120,13 +120,12 @@ type Config struct {
 	Pinger Pinger
 	// Callbacks are this server's ownership callbacks; both are optional.
 	Callbacks Callbacks
-	// Clock is the time source of the ping memory and of resignation
-	// periods; nil means real time.
-	Clock Clock
 	// Logger receives the elector's logs; nil discards them.
 	Logger hclog.Logger
 	// Registerer, if set, receives the elector's Prometheus metrics.
 	Registerer prometheus.Registerer
+
+	clock clock // nil: real time
 }
 
 // DefaultConfig returns a Config with every default filled in; set
@@ -152,8 +151,8 @@ func (c Config) withDefaults() (Config, error) {
 	if c.ElectionConcurrency == 0 {
 		c.ElectionConcurrency = d.ElectionConcurrency
 	}
-	if c.Clock == nil {
-		c.Clock = realClock{}
+	if c.clock == nil {
+		c.clock = realClock{}
 	}
 	if c.Logger == nil {
 		c.Logger = hclog.NewNullLogger()

@@ -108,14 +108,14 @@ func (e *Elector) readOwner(ctx context.Context, app int64) (*mvccpb.KeyValue, e
 	e.mu.Unlock()
 	ops := []clientv3.Op{clientv3.OpGet(e.keys.Owner(app))}
 	if !known {
-		ops = append(ops, e.registry.ByIDOp(app))
+		ops = append(ops, clientv3.OpGet(e.keys.AppID(app)))
 	}
 	resp, err := e.cli.Txn(ctx).Then(ops...).Commit()
 	if err != nil {
 		return nil, fmt.Errorf("read owner key: %w", err)
 	}
 	if !known {
-		if _, err := e.registry.ByIDResult(app, resp.Responses[1].GetResponseRange().Kvs); err != nil {
+		if err := registered(app, resp.Responses[1].GetResponseRange().Kvs); err != nil {
 			if errors.Is(err, ErrUnknownApp) {
 				e.markUnknown(app)
 			}
@@ -149,7 +149,7 @@ func (e *Elector) markUnknown(app int64) {
 	if len(e.unknown) >= maxUnknown {
 		clear(e.unknown)
 	}
-	e.unknown[app] = e.cfg.Clock.Now().Add(unknownFor)
+	e.unknown[app] = e.cfg.clock.Now().Add(unknownFor)
 }
 
 // unknownRecently reports whether app was found unregistered less than
@@ -158,7 +158,7 @@ func (e *Elector) unknownRecently(app int64) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	until, ok := e.unknown[app]
-	if ok && !e.cfg.Clock.Now().Before(until) {
+	if ok && !e.cfg.clock.Now().Before(until) {
 		delete(e.unknown, app)
 		return false
 	}
@@ -371,7 +371,7 @@ func (e *Elector) liveOwner(ctx context.Context, app int64, val []byte, lease cl
 	if e.cfg.Pinger == nil {
 		return owner{serverID: rec.ServerID, protocols: rec.Protocols}, true
 	}
-	if down[rec.ServerID] || e.unanswered.recently(rec.ServerID, e.cfg.Clock.Now()) {
+	if down[rec.ServerID] || e.unanswered.recently(rec.ServerID, e.cfg.clock.Now()) {
 		return owner{}, false
 	}
 	pctx, cancel := context.WithTimeout(ctx, e.cfg.PingTimeout)
@@ -380,9 +380,21 @@ func (e *Elector) liveOwner(ctx context.Context, app int64, val []byte, lease cl
 	if err != nil {
 		e.logger.Info("owner did not answer a ping", "app_id", app, "owner", rec.ServerID, "error", err)
 		down[rec.ServerID] = true
-		e.unanswered.mark(rec.ServerID, e.cfg.Clock.Now().Add(e.cfg.PingTimeout))
+		e.unanswered.mark(rec.ServerID, e.cfg.clock.Now().Add(e.cfg.PingTimeout))
 		return owner{}, false
 	}
 	e.unanswered.clear(rec.ServerID)
 	return owner{serverID: rec.ServerID, protocols: protocols}, true
+}
+
+// registered interprets the read of app's record (its app-by-id key):
+// ErrUnknownApp if there is none, an error if it cannot be decoded.
+func registered(app int64, kvs []*mvccpb.KeyValue) error {
+	if app <= 0 || len(kvs) == 0 {
+		return fmt.Errorf("%w: id %d", ErrUnknownApp, app)
+	}
+	if _, err := coord.DecodeAppRecord(kvs[0].Value); err != nil {
+		return fmt.Errorf("app %d record: %w", app, err)
+	}
+	return nil
 }

@@ -15,26 +15,27 @@ import (
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/backoff"
+	"github.com/batonhq/baton/internal/hooks"
+	"github.com/batonhq/baton/internal/keyspace"
 )
 
 // Elector runs the per-app election of one server on its coord.Session.
 // It keeps a table of every app's owner key and displacement markers from
-// one watch of both (coord.Keys.OwnershipRange), reports that watch's
+// one watch of both (keyspace.Keys.OwnershipRange), reports that watch's
 // progress to the session's guard, runs this server's ownership callbacks, and takes over the apps
 // it is successor of when their owner keys disappear. It is safe for
 // concurrent use. Close hands everything over and stops it; the session
 // stays the caller's.
 type Elector struct {
-	cfg      Config
-	session  *coord.Session
-	cli      *clientv3.Client
-	keys     coord.Keys
-	members  *coord.Members
-	registry *coord.Registry
-	mutexes  *mutexes
-	slots    chan struct{} // ElectionConcurrency tokens
-	logger   hclog.Logger
-	metrics  *metrics
+	cfg     Config
+	session *coord.Session
+	cli     *clientv3.Client
+	keys    keyspace.Keys
+	members *coord.Members
+	mutexes *mutexes
+	slots   chan struct{} // ElectionConcurrency tokens
+	logger  hclog.Logger
+	metrics *metrics
 
 	ctx     context.Context // ends at Close
 	cancel  context.CancelFunc
@@ -91,8 +92,7 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 		cfg:        cfg,
 		session:    session,
 		cli:        session.Client(),
-		keys:       session.Keys(),
-		registry:   coord.NewRegistry(session.Client(), session.Keys()),
+		keys:       keyspaceOf(session),
 		logger:     cfg.Logger.Named("election").With("server_id", cfg.ServerID),
 		metrics:    m,
 		table:      map[int64]ownerKey{},
@@ -110,7 +110,7 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 	}
 	e.slots = make(chan struct{}, cfg.ElectionConcurrency)
 	e.takeover.init()
-	e.members, err = coord.WatchMembers(ctx, e.cli, e.keys, cfg.Logger)
+	e.members, err = coord.WatchMembers(ctx, e.cli, e.keys.Prefix(), cfg.Logger)
 	if err != nil {
 		m.unregister()
 		return nil, err
@@ -125,7 +125,7 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 		m.unregister()
 		return nil, err
 	}
-	e.session.AttachWatch(e.requestProgress)
+	hooks.AttachWatch(e.session, e.requestProgress)
 	e.loops.Go(func() { e.watchLoop(w) })
 	e.loops.Go(e.epochLoop)
 	e.loops.Go(e.membersLoop)
@@ -195,7 +195,7 @@ func (e *Elector) watchLoop(w ownerWatch) {
 					break follow
 				}
 				e.observe(w.after(resp.Events))
-				e.session.WatchCaughtUp(delivered(resp))
+				hooks.WatchCaughtUp(e.session, delivered(resp))
 			case <-e.rewatch:
 				e.logger.Info("guard unconfirmed: restarting the owner watch on a new stream")
 				break follow
@@ -336,7 +336,7 @@ func (e *Elector) reload(ctx context.Context) (int64, error) {
 	e.rev = max(e.rev, resp.Header.Revision)
 	e.settle(nil)
 	e.mu.Unlock()
-	e.session.WatchCaughtUp(resp.Header.Revision)
+	hooks.WatchCaughtUp(e.session, resp.Header.Revision)
 	return resp.Header.Revision, nil
 }
 
@@ -571,7 +571,7 @@ func (e *Elector) Close(ctx context.Context) error {
 	e.cancel()
 	e.loops.Wait()
 	e.mutexes.close()
-	e.session.DetachWatch()
+	hooks.DetachWatch(e.session)
 	e.mu.Lock()
 	e.closed = true
 	for _, o := range e.mine {
@@ -613,4 +613,11 @@ func (e *Elector) leaveMembership(ctx context.Context) {
 			return
 		}
 	}
+}
+
+// keyspaceOf is the key layout of session's deployment; the session has
+// validated its prefix.
+func keyspaceOf(session *coord.Session) keyspace.Keys {
+	keys, _ := keyspace.New(session.Prefix())
+	return keys
 }

@@ -29,14 +29,18 @@ func Example() {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	cli := etcd.Client()
-	keys, _ := coord.NewKeys(coord.DefaultPrefix)
-	app, err := coord.NewRegistry(cli, keys).Register(ctx, "orders")
+	registry, err := coord.NewRegistry(cli, coord.DefaultPrefix)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	app, err := registry.Register(ctx, "orders")
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
 
-	session, err := coord.NewSession(ctx, coord.SessionConfig{Client: cli, Keys: keys})
+	session, err := coord.NewSession(ctx, coord.SessionConfig{Client: cli})
 	if err != nil {
 		fmt.Println(err)
 		return

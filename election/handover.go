@@ -53,7 +53,7 @@ func (e *Elector) stopOwning(app int64) (int64, error) {
 	if o == nil {
 		return 0, fmt.Errorf("%w: app %d", ErrNotOwner, app)
 	}
-	e.resigning[app] = e.cfg.Clock.Now().Add(2 * e.session.TTL())
+	e.resigning[app] = e.cfg.clock.Now().Add(2 * e.session.TTL())
 	e.lose(o, ReasonResigned)
 	return o.token, nil
 }
@@ -261,7 +261,7 @@ func (e *Elector) waitForOthers(ctx context.Context, tokens map[int64]int64) (ma
 func (e *Elector) handOverAll(ctx context.Context) error {
 	e.mu.Lock()
 	tokens := make(map[int64]int64, len(e.mine))
-	until := e.cfg.Clock.Now().Add(2 * e.session.TTL())
+	until := e.cfg.clock.Now().Add(2 * e.session.TTL())
 	for app, o := range e.mine {
 		tokens[app] = o.token
 		e.resigning[app] = until
@@ -324,7 +324,7 @@ func (e *Elector) handingOver(app int64) (owner, bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	until, ok := e.resigning[app]
-	if !e.draining && (!ok || !e.cfg.Clock.Now().Before(until)) {
+	if !e.draining && (!ok || !e.cfg.clock.Now().Before(until)) {
 		delete(e.resigning, app)
 		return owner{}, false
 	}
@@ -340,5 +340,5 @@ func (e *Elector) handingOver(app int64) (owner, bool) {
 // with e.mu held.
 func (e *Elector) resigningNow(app int64) bool {
 	until, ok := e.resigning[app]
-	return e.draining || ok && e.cfg.Clock.Now().Before(until)
+	return e.draining || ok && e.cfg.clock.Now().Before(until)
 }

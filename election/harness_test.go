@@ -14,6 +14,7 @@ import (
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/election"
 	"github.com/batonhq/baton/internal/etcdcluster"
+	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
@@ -70,7 +71,7 @@ func (p *pinger) setDown(address string, down bool) {
 type cluster struct {
 	t      testing.TB
 	etcd   *etcdcluster.Cluster
-	keys   coord.Keys
+	keys   keyspace.Keys
 	pinger *pinger
 	rec    *recorder
 	ttl    time.Duration
@@ -79,7 +80,7 @@ type cluster struct {
 
 func newCluster(t testing.TB, etcdMembers int, ttl time.Duration) *cluster {
 	e := testutil.Etcd(t, etcdMembers)
-	keys, _ := coord.NewKeys("")
+	keys, _ := keyspace.New("")
 	return &cluster{
 		t: t, etcd: e, keys: keys, ttl: ttl,
 		pinger: &pinger{nodes: map[string]coord.Protocols{}, down: map[string]bool{}, asked: map[string]int{}},
@@ -132,11 +133,11 @@ func (c *cluster) addNode(id string, opts ...nodeOption) *node {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	register, err := coord.MembershipOnLease(n.cli, c.keys, coord.ServerRecord{ServerID: id, Protocols: protos, StartedAt: time.Now()})
+	register, err := coord.MembershipOnLease(n.cli, c.keys.Prefix(), coord.ServerRecord{ServerID: id, Protocols: protos, StartedAt: time.Now()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	n.session, err = coord.NewSession(ctx, coord.SessionConfig{Client: n.cli, Keys: c.keys, TTL: c.ttl, OnLease: register, Logger: testutil.Logger(t).Named(id)})
+	n.session, err = coord.NewSession(ctx, coord.SessionConfig{Client: n.cli, Prefix: c.keys.Prefix(), TTL: c.ttl, OnLease: register, Logger: testutil.Logger(t).Named(id)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,7 +179,7 @@ func (n *node) close() {
 
 func (c *cluster) register(t testing.TB, names ...string) []int64 {
 	t.Helper()
-	reg := coord.NewRegistry(c.etcd.Client(), c.keys)
+	reg := testutil.Must(coord.NewRegistry(c.etcd.Client(), c.keys.Prefix()))
 	var ids []int64
 	for _, name := range names {
 		app, err := reg.Register(context.Background(), name)

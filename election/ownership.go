@@ -5,12 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/endstamp"
 )
 
 // ownership is this server's claim on one app, from the write of its
@@ -24,7 +24,7 @@ type ownership struct {
 	active bool
 	ctx    context.Context // a child of epoch's context
 	cancel context.CancelFunc
-	stamp  *endStamp
+	stamp  *endstamp.Stamp
 	epoch  *coord.Epoch
 	since  time.Time
 	ended  bool
@@ -88,8 +88,8 @@ func (e *Elector) tryActivate(o *ownership) {
 	if ep.Check() != nil || ep.Lease() != o.lease || !e.mayAct(o) {
 		return
 	}
-	o.stamp = &endStamp{epoch: ep}
-	ctx, cancel := context.WithCancel(context.WithValue(ep.Context(), endStampKey{}, o.stamp))
+	o.stamp = endstamp.New(ep)
+	ctx, cancel := context.WithCancel(o.stamp.Into(ep.Context()))
 	o.ctx, o.cancel = ctx, cancel
 	o.epoch, o.active, o.since = ep, true, time.Now()
 	e.active++
@@ -139,7 +139,7 @@ func (e *Elector) deactivate(o *ownership, reason Reason) {
 	// after a pause (SIGSTOP, GC) the cancellation comes late, but the
 	// owner stopped acting at the deadline (Check refuses from then on).
 	end := earlier(time.Now(), o.epoch.Deadline())
-	o.stamp.at.Store(&end)
+	o.stamp.Set(end)
 	o.cancel()
 	app, token := o.app, o.token
 	e.logger.Debug("lost", "app_id", app, "token", token, "reason", reason)
@@ -285,44 +285,6 @@ func (e *Elector) Healthy() error {
 		return fmt.Errorf("election: %d apps held with the lease unconfirmed: %w", n, err)
 	}
 	return nil
-}
-
-// endStamp says when an ownership ended: the instant deactivate stamped
-// just before cancelling its context, or — when its epoch ended first and
-// cancelled the context as its parent — the epoch's own end.
-type endStamp struct {
-	at    atomic.Pointer[time.Time]
-	epoch *coord.Epoch
-}
-
-type endStampKey struct{}
-
-// EndedAt reports when the ownership whose OnAcquire context is ctx ended:
-// the earliest of the instant its elector ended it, the instant its
-// session's epoch ended (the context is a child of the epoch's), and the
-// guard deadline in force at either moment (after a pause the
-// cancellation comes late, but Ownership.Check refused from the deadline
-// on). It carries Go's monotonic reading, so it compares exactly with
-// time.Now() values of this process. ok is false while ctx is live or if
-// ctx is not an ownership context. Ownership checkers use it to stamp the
-// end of an interval exactly, instead of when a goroutine waiting on
-// ctx.Done happened to be scheduled.
-func EndedAt(ctx context.Context) (at time.Time, ok bool) {
-	s, _ := ctx.Value(endStampKey{}).(*endStamp)
-	if s == nil || ctx.Err() == nil {
-		return time.Time{}, false
-	}
-	own := s.at.Load()
-	epochEnd, epochEnded := s.epoch.EndedAt()
-	switch {
-	case own != nil && epochEnded:
-		return earlier(*own, epochEnd), true
-	case own != nil:
-		return *own, true
-	case epochEnded:
-		return epochEnd, true
-	}
-	return time.Time{}, false
 }
 
 func earlier(a, b time.Time) time.Time {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/batonhq/baton/election"
+	"github.com/batonhq/baton/election/electiontest"
 )
 
 // event is one callback or context cancellation, stamped on this
@@ -57,7 +58,7 @@ func (r *recorder) callbacks(server string) election.Callbacks {
 			r.mu.Unlock()
 			r.wg.Go(func() {
 				<-ctx.Done()
-				at, ok := election.EndedAt(ctx)
+				at, ok := electiontest.EndedAt(ctx)
 				if !ok {
 					r.mu.Lock()
 					r.problems = append(r.problems, fmt.Sprintf("%s: ownership %d ended without an end stamp", k, token))

@@ -18,7 +18,7 @@ import (
 // owe records releases still to be made (app → token of the stopped
 // ownership). Called with e.mu held.
 func (e *Elector) owe(tokens map[int64]int64) {
-	until := e.cfg.Clock.Now().Add(2 * e.session.TTL())
+	until := e.cfg.clock.Now().Add(2 * e.session.TTL())
 	for app, token := range tokens {
 		e.owed[app] = token
 		e.resigning[app] = until

@@ -11,6 +11,8 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/hooks"
+	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
@@ -41,16 +43,16 @@ func TestNewSessionReturnsWithinItsContext(t *testing.T) {
 	}
 	t.Cleanup(func() { cli.Close() })
 	t.Cleanup(func() { p.UnpauseTx(); p.UnpauseRx() })
-	keys, _ := coord.NewKeys("")
+	keys, _ := keyspace.New("")
 
 	const bound, slack = time.Second, time.Second
 	ctx, cancel := context.WithTimeout(context.Background(), bound)
 	defer cancel()
 	start := time.Now()
-	s, err := coord.NewSession(ctx, coord.SessionConfig{Client: cli, Keys: keys, TTL: 5 * time.Second, Logger: testutil.Logger(t)})
+	s, err := coord.NewSession(ctx, coord.SessionConfig{Client: cli, Prefix: keys.Prefix(), TTL: 5 * time.Second, Logger: testutil.Logger(t)})
 	took := time.Since(start)
 	if s != nil {
-		s.Abandon()
+		hooks.AbandonSession(s)
 	}
 	t.Logf("NewSession with a %v ctx returned after %v: %v", bound, took.Round(time.Millisecond), err)
 	if took > bound+slack {

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"testing"
 	"time"
+
+	"github.com/batonhq/baton/server/servertest"
 )
 
 // BenchmarkCrashFailover: three servers, one app, N workers; the owner
@@ -41,7 +43,7 @@ func crashTrials(b *testing.B, n int, withEtcd bool) []time.Duration {
 	for b.Loop() {
 		owner := bc.settledOwner(app, f)
 		start := time.Now()
-		owner.Kill()
+		servertest.Crash(owner)
 		next := bc.newOwner(app, owner)
 		last, ok := f.followedAt(next.Addr(), 30*time.Second)
 		if !ok {

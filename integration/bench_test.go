@@ -16,6 +16,7 @@ import (
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/etcdcluster"
+	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
 	"github.com/batonhq/baton/worker"
@@ -31,7 +32,7 @@ import (
 type benchCluster struct {
 	b     *testing.B
 	etcd  *etcdcluster.Cluster
-	keys  coord.Keys
+	keys  keyspace.Keys
 	nodes []*server.Node
 	seq   int
 }
@@ -42,7 +43,7 @@ func newBenchCluster(b *testing.B, nodes int) *benchCluster {
 
 // newBenchClusterOn starts nodes servers on the given etcd.
 func newBenchClusterOn(b *testing.B, e *etcdcluster.Cluster, nodes int) *benchCluster {
-	keys, _ := coord.NewKeys(prefix)
+	keys, _ := keyspace.New(prefix)
 	bc := &benchCluster{b: b, etcd: e, keys: keys}
 	for range nodes {
 		bc.addNode("127.0.0.1:0")
@@ -145,7 +146,7 @@ func (bc *benchCluster) newOwner(app int64, old *server.Node) *server.Node {
 
 // registerOne registers one app and has the cluster's first node own it.
 func (bc *benchCluster) registerOne(name string) int64 {
-	reg := coord.NewRegistry(bc.etcd.Client(), bc.keys)
+	reg := testutil.Must(coord.NewRegistry(bc.etcd.Client(), bc.keys.Prefix()))
 	app, err := reg.Register(context.Background(), name)
 	if err != nil {
 		bc.b.Fatal(err)
@@ -160,7 +161,7 @@ func (bc *benchCluster) registerOne(name string) int64 {
 // registry's sequence is a CAS loop: concurrent registrations would only
 // retry).
 func registerMany(b *testing.B, bc *benchCluster, n int) []int64 {
-	reg := coord.NewRegistry(bc.etcd.Client(), bc.keys)
+	reg := testutil.Must(coord.NewRegistry(bc.etcd.Client(), bc.keys.Prefix()))
 	var ids []int64
 	for i := range n {
 		app, err := reg.Register(context.Background(), fmt.Sprintf("app-%d", i))

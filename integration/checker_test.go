@@ -6,7 +6,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/batonhq/baton/internal/monoclock"
+	"github.com/batonhq/baton/election/electiontest"
 )
 
 // nodeEvent is one JSON line of examples/node.
@@ -167,7 +167,7 @@ func (c *checker) waitOwned(apps []int64, exclude string, timeout time.Duration)
 func (c *checker) verdict() []string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	now := monoclock.Now()
+	now := electiontest.MonoNow()
 	byApp := map[int64][]*interval{}
 	for _, iv := range c.intervals {
 		byApp[iv.app] = append(byApp[iv.app], iv)

@@ -21,8 +21,9 @@ import (
 	"go.etcd.io/etcd/pkg/v3/proxy"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/election/electiontest"
 	"github.com/batonhq/baton/internal/etcdcluster"
-	"github.com/batonhq/baton/internal/monoclock"
+	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 )
 
@@ -35,7 +36,7 @@ type cluster struct {
 	t      *testing.T
 	etcd   *etcdcluster.Cluster
 	prefix string
-	keys   coord.Keys
+	keys   keyspace.Keys
 	ttl    time.Duration
 	ttls   map[string]time.Duration // a node's own TTL, when not ttl
 	args   []string                 // more flags for every node
@@ -65,7 +66,7 @@ func newCluster(t *testing.T, ttl time.Duration) *cluster {
 // newClusterOn is a cluster of its own under pfx on an etcd that other
 // clusters may share.
 func newClusterOn(t *testing.T, e *etcdcluster.Cluster, pfx string, ttl time.Duration) *cluster {
-	keys, err := coord.NewKeys(pfx)
+	keys, err := keyspace.New(pfx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -236,7 +237,7 @@ func (p *proc) stop() {
 // signal so that no interval of the dead process can end later than this.
 func (c *cluster) kill(p *proc) {
 	p.ended.Store(true)
-	at := monoclock.Now()
+	at := electiontest.MonoNow()
 	p.cmd.Process.Kill()
 	<-p.exited
 	<-p.done
@@ -294,7 +295,7 @@ func (p *proc) pauseRx(cut bool) {
 
 // register registers n apps and returns their ids.
 func (c *cluster) register(n int) []int64 {
-	reg := coord.NewRegistry(c.etcd.Client(), c.keys)
+	reg := testutil.Must(coord.NewRegistry(c.etcd.Client(), c.keys.Prefix()))
 	var ids []int64
 	for i := range n {
 		app, err := reg.Register(context.Background(), fmt.Sprintf("app-%d", i))

@@ -14,8 +14,8 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/batonhq/baton/election/electiontest"
 	"github.com/batonhq/baton/internal/backoff"
-	"github.com/batonhq/baton/internal/monoclock"
 )
 
 // The drain steps: a node leaves for good through POST /admin/drain —
@@ -419,7 +419,7 @@ func (c *cluster) adminDrain(ctx context.Context, p *proc) drainAnswer {
 	}
 	a.took = time.Since(start)
 	if a.err == nil {
-		a.at, a.mono = time.Now(), monoclock.Now()
+		a.at, a.mono = time.Now(), electiontest.MonoNow()
 	}
 	return a
 }

@@ -9,7 +9,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/batonhq/baton/internal/monoclock"
+	"github.com/batonhq/baton/election/electiontest"
 )
 
 // foreign is the lease and owner record of a server of a newer baton,
@@ -30,7 +30,7 @@ type foreign struct {
 func startForeign(ctx context.Context, g *group, app int64, ttl time.Duration) (*foreign, error) {
 	cli := g.r.etcd.Client()
 	f := &foreign{g: g, app: app, stop: make(chan struct{}), stopped: make(chan struct{})}
-	sent := monoclock.Now()
+	sent := electiontest.MonoNow()
 	grant, err := cli.Grant(ctx, int64(ttl/time.Second))
 	if err != nil {
 		return nil, err
@@ -57,7 +57,7 @@ func startForeign(ctx context.Context, g *group, app int64, ttl time.Duration) (
 		return nil, fmt.Errorf("write a v2 owner record for new app %d: succeeded %v, %v", app, txn != nil && txn.Succeeded, err)
 	}
 	f.token = txn.Header.Revision
-	g.c.check.add(nodeEvent{Event: "acquire", Server: g.name + "-v2", App: app, Token: f.token, MonoNs: monoclock.Now()})
+	g.c.check.add(nodeEvent{Event: "acquire", Server: g.name + "-v2", App: app, Token: f.token, MonoNs: electiontest.MonoNow()})
 	go f.keepAlive(ttl)
 	return f, nil
 }
@@ -72,7 +72,7 @@ func (f *foreign) keepAlive(ttl time.Duration) {
 			return
 		case <-tick.C:
 		}
-		sent := monoclock.Now()
+		sent := electiontest.MonoNow()
 		ctx, cancel := context.WithTimeout(context.Background(), ttl/3)
 		resp, err := f.g.r.etcd.Client().KeepAliveOnce(ctx, f.lease)
 		cancel()
@@ -98,7 +98,7 @@ func (f *foreign) end(revoke bool) (int64, time.Time) {
 	f.mu.Unlock()
 	gone := time.Now().Add(f.ackedTTL)
 	if revoke {
-		at := monoclock.Now()
+		at := electiontest.MonoNow()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		_, err := f.g.r.etcd.Client().Revoke(ctx, f.lease)
 		cancel()

@@ -10,8 +10,9 @@ import (
 	"time"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/election/electiontest"
 	"github.com/batonhq/baton/internal/backoff"
-	"github.com/batonhq/baton/internal/monoclock"
+	"github.com/batonhq/baton/internal/testutil"
 )
 
 // single is one of the single faults on one server: SIGKILL and restart,
@@ -267,7 +268,7 @@ func (g *group) futureOwner(ctx context.Context) (outcome, error) {
 	o := outcome{kind: "e", compound: true}
 	g.futures++
 	name := fmt.Sprintf("future-%d", g.futures)
-	reg := coord.NewRegistry(g.r.etcd.Client(), g.c.keys)
+	reg := testutil.Must(coord.NewRegistry(g.r.etcd.Client(), g.c.keys.Prefix()))
 	app, err := reg.Register(ctx, name)
 	if err != nil {
 		return o, err
@@ -308,7 +309,7 @@ func (g *group) futureOwner(ctx context.Context) (outcome, error) {
 	// that keepalive was sent), the v2 server may still act: that is
 	// part of this step, and its verdict must see who acted meanwhile.
 	if err == nil {
-		err = backoff.Sleep(ctx, time.Duration(end-monoclock.Now()))
+		err = backoff.Sleep(ctx, time.Duration(end-electiontest.MonoNow()))
 	}
 	if revoke {
 		o.what += fmt.Sprintf(", lease revoked after %v", time.Since(kept).Round(time.Millisecond))

@@ -14,6 +14,7 @@ import (
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/election"
+	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
 )
@@ -66,7 +67,7 @@ func TestThreeNodesAgreeAndCloseHandsTheAppOver(t *testing.T) {
 		}
 	}
 	// The closed node left nothing of its own in etcd.
-	key, _ := coord.NewKeys("")
+	key, _ := keyspace.New("")
 	srvKey, _ := key.Server(owner.ID())
 	if resp, _ := e.Client().Get(ctx, srvKey); len(resp.Kvs) != 0 {
 		t.Error("closed node's membership key survived")

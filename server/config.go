@@ -59,7 +59,7 @@ type Config struct {
 	Logger hclog.Logger
 	// Registerer, if set, receives the node's metrics — the elector's,
 	// the session's and the HTTP API's, listed in the package
-	// documentation — from Start until Close or Kill.
+	// documentation — from Start until Close (or a crash, servertest.Crash).
 	Registerer prometheus.Registerer
 }
 
@@ -92,7 +92,7 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Client == nil {
 		return c, fmt.Errorf("server: %w: Client is nil", ErrInvalidConfig)
 	}
-	if _, err := coord.NewKeys(c.Prefix); err != nil {
+	if err := coord.ValidatePrefix(c.Prefix); err != nil {
 		return c, fmt.Errorf("server: %w: Prefix (%q): %v", ErrInvalidConfig, c.Prefix, err)
 	}
 	if c.TTL == 0 {

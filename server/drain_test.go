@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -23,8 +24,8 @@ func TestADrainThatCannotFinishReleasesTheApps(t *testing.T) {
 	for _, how := range []string{"cut off", "ended ctx"} {
 		t.Run(how, func(t *testing.T) {
 			e := testutil.Etcd(t, 1)
-			keys, _ := coord.NewKeys("")
-			reg := coord.NewRegistry(e.Client(), keys)
+			keys, _ := keyspace.New("")
+			reg := testutil.Must(coord.NewRegistry(e.Client(), keys.Prefix()))
 			var apps []int64
 			for _, name := range []string{"x", "y", "z"} {
 				app, err := reg.Register(context.Background(), name)
@@ -97,8 +98,8 @@ func TestADrainThatCannotFinishReleasesTheApps(t *testing.T) {
 // peers must not hand it apps or send workers to it.
 func TestADrainCutOffPastItsTTLNeverRejoinsMembership(t *testing.T) {
 	e := testutil.Etcd(t, 1)
-	keys, _ := coord.NewKeys("")
-	app, err := coord.NewRegistry(e.Client(), keys).Register(context.Background(), "x")
+	keys, _ := keyspace.New("")
+	app, err := testutil.Must(coord.NewRegistry(e.Client(), keys.Prefix())).Register(context.Background(), "x")
 	if err != nil {
 		t.Fatal(err)
 	}

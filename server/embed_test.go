@@ -12,6 +12,7 @@ import (
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
+	"github.com/batonhq/baton/server/servertest"
 )
 
 // A scheduler that already has an HTTP server mounts the node's handler
@@ -59,38 +60,10 @@ func TestHandlerMountsInAnExistingServer(t *testing.T) {
 	if r := w.get(addr, "/friend/ping", nil); !r.success {
 		t.Fatalf("ping of a running node: %d %q", r.status, r.message)
 	}
-	// The scheduler's HTTP server outlives the node: after Kill the
+	// The scheduler's HTTP server outlives the node: after a crash the
 	// mounted handler must not tell peers the node is alive.
-	n.Kill()
+	servertest.Crash(n)
 	if r := w.get(addr, "/friend/ping", nil); r.success || r.status != http.StatusServiceUnavailable {
-		t.Fatalf("ping after Kill: %d %v %q; want 503", r.status, r.success, r.message)
-	}
-}
-
-func TestKillLeavesTheLeaseToExpire(t *testing.T) {
-	e := testutil.Etcd(t, 1)
-	a := startNode(t, e, "a")
-	b := startNode(t, e, "b")
-	ctx := context.Background()
-	app, _ := a.Registry().Register(ctx, "orders")
-	if _, err := a.Elector().Elect(ctx, app.ID, coord.ProtocolHTTP, ""); err != nil {
-		t.Fatal(err)
-	}
-	lease := a.Session().Lease()
-	killed := time.Now()
-	a.Kill()
-	// The lease is still there right after the kill: nothing was revoked.
-	if ttl, err := e.Client().TimeToLive(ctx, lease); err != nil || ttl.TTL < 0 {
-		t.Fatalf("lease gone at once after Kill: %+v, %v", ttl, err)
-	}
-	testutil.Eventually(t, 10*time.Second, "b to take the app over", func() bool {
-		_, ok := b.Elector().Token(app.ID)
-		return ok
-	})
-	if took := time.Since(killed); took < 500*time.Millisecond {
-		t.Errorf("b took over %v after the kill, before a's lease could expire", took)
-	}
-	if _, err := http.Get("http://" + a.Addr() + "/server/hello"); err == nil {
-		t.Error("killed node still answers HTTP")
+		t.Fatalf("ping after a crash: %d %v %q; want 503", r.status, r.success, r.message)
 	}
 }

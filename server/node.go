@@ -17,6 +17,8 @@ import (
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/election"
+	"github.com/batonhq/baton/internal/hooks"
+	"github.com/batonhq/baton/internal/keyspace"
 )
 
 // Version is reported in server records and /server/hello.
@@ -27,13 +29,13 @@ const Version = "baton/0.1"
 // It is safe for concurrent use.
 type Node struct {
 	cfg      Config
-	keys     coord.Keys
+	keys     keyspace.Keys
 	registry *coord.Registry
 	logger   hclog.Logger
 	handler  http.Handler
 	run      atomic.Pointer[running] // set once Start succeeded
 
-	// stopping is set once a drain, Close or Kill has begun: from then on
+	// stopping is set once a drain, Close or a crash has begun: from then on
 	// the node answers /friend/ping as not serving, so that no peer sends
 	// workers to a node that will not act.
 	stopping atomic.Bool
@@ -69,11 +71,12 @@ func NewNode(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
-	keys, _ := coord.NewKeys(cfg.Prefix)
+	keys, _ := keyspace.New(cfg.Prefix)                      // validated by withDefaults
+	registry, _ := coord.NewRegistry(cfg.Client, cfg.Prefix) // the same
 	n := &Node{
 		cfg:      cfg,
 		keys:     keys,
-		registry: coord.NewRegistry(cfg.Client, keys),
+		registry: registry,
 		logger:   cfg.Logger.Named("server").With("server_id", cfg.ServerID),
 	}
 	n.handler = n.routes()
@@ -137,7 +140,7 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 	if err := r.protocols.Validate(); err != nil {
 		return r, fmt.Errorf("server: %w: Protocols: %v", ErrInvalidConfig, err)
 	}
-	register, err := coord.MembershipOnLease(n.cfg.Client, n.keys, coord.ServerRecord{
+	register, err := coord.MembershipOnLease(n.cfg.Client, n.cfg.Prefix, coord.ServerRecord{
 		ServerID:  n.cfg.ServerID,
 		Protocols: r.protocols,
 		StartedAt: time.Now().UTC(),
@@ -155,7 +158,7 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 	}
 	r.session, err = coord.NewSession(ctx, coord.SessionConfig{
 		Client:     n.cfg.Client,
-		Keys:       n.keys,
+		Prefix:     n.cfg.Prefix,
 		TTL:        n.cfg.TTL,
 		OnLease:    n.registerUnlessStopping(register),
 		Logger:     n.cfg.Logger,
@@ -358,13 +361,13 @@ func withFloor(ctx context.Context, floor time.Duration) (context.Context, conte
 	return context.WithTimeout(context.WithoutCancel(ctx), floor)
 }
 
-// Kill stops the node the way a crash would, for tests and demos: the
+// crash stops the node the way a crash would (servertest.Crash): the
 // HTTP server and every connection close at once, the session stops
 // without revoking its lease (etcd expires it after the TTL, and with it
 // the node's keys), and nothing is handed over. Ownership contexts are
 // cancelled and OnLose runs with ReasonClosed, since the process lives
-// on. Close after Kill does nothing.
-func (n *Node) Kill() {
+// on. Close after crash does nothing.
+func (n *Node) crash() {
 	n.mu.Lock()
 	if n.closed {
 		n.mu.Unlock()
@@ -381,7 +384,7 @@ func (n *Node) Kill() {
 		r.http.Close()
 		<-r.serveDone
 	}
-	r.session.Abandon()
+	hooks.AbandonSession(r.session)
 	gone, cancel := context.WithCancel(context.Background())
 	cancel() // no time to hand anything over or leave membership
 	r.elector.Close(gone)

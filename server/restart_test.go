@@ -9,8 +9,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
+	"github.com/batonhq/baton/server/servertest"
 )
 
 // A node closed and started again in the same process, with the same id
@@ -20,7 +22,7 @@ import (
 func TestNodeRestartsInOneProcessWithOneRegistry(t *testing.T) {
 	e := testutil.Etcd(t, 1)
 	reg := prometheus.NewRegistry()
-	app, err := coord.NewRegistry(e.Client(), mustKeys(t)).Register(context.Background(), "orders")
+	app, err := testutil.Must(coord.NewRegistry(e.Client(), mustKeys(t).Prefix())).Register(context.Background(), "orders")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,7 +47,7 @@ func TestNodeRestartsInOneProcessWithOneRegistry(t *testing.T) {
 			t.Fatalf("round %d: %v requests to /server/hello counted, want 1", round, got)
 		}
 		if round == 2 {
-			n.Kill()
+			servertest.Crash(n)
 			continue
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -60,8 +62,8 @@ func TestNodeRestartsInOneProcessWithOneRegistry(t *testing.T) {
 	}
 }
 
-func mustKeys(t testing.TB) coord.Keys {
-	keys, err := coord.NewKeys(coord.DefaultPrefix)
+func mustKeys(t testing.TB) keyspace.Keys {
+	keys, err := keyspace.New(coord.DefaultPrefix)
 	if err != nil {
 		t.Fatal(err)
 	}

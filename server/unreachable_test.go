@@ -6,9 +6,11 @@ import (
 	"time"
 
 	"github.com/batonhq/baton/coord"
-	"github.com/batonhq/baton/election"
+	"github.com/batonhq/baton/election/electiontest"
+	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
+	"github.com/batonhq/baton/server/servertest"
 )
 
 // With etcd unreachable, Kill returns at once and Close within its ctx,
@@ -16,12 +18,12 @@ import (
 // context they end carries an end stamp.
 func TestKillAndCloseReturnPromptlyWithEtcdUnreachable(t *testing.T) {
 	e := testutil.Etcd(t, 1)
-	keys, _ := coord.NewKeys("")
-	app, err := coord.NewRegistry(e.Client(), keys).Register(context.Background(), "x")
+	keys, _ := keyspace.New("")
+	app, err := testutil.Must(coord.NewRegistry(e.Client(), keys.Prefix())).Register(context.Background(), "x")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, how := range []string{"Kill", "Close"} {
+	for _, how := range []string{"Crash", "Close"} {
 		t.Run(how, func(t *testing.T) {
 			p, url := testutil.Proxy(t, e.Endpoint(0))
 			ended := make(chan bool, 1)
@@ -30,7 +32,7 @@ func TestKillAndCloseReturnPromptlyWithEtcdUnreachable(t *testing.T) {
 				c.Callbacks.OnAcquire = func(ctx context.Context, _, _ int64) {
 					go func() {
 						<-ctx.Done()
-						_, ok := election.EndedAt(ctx)
+						_, ok := electiontest.EndedAt(ctx)
 						ended <- ok
 					}()
 				}
@@ -50,8 +52,8 @@ func TestKillAndCloseReturnPromptlyWithEtcdUnreachable(t *testing.T) {
 
 			start := time.Now()
 			bound := 500 * time.Millisecond // "at once", with room for a loaded machine
-			if how == "Kill" {
-				n.Kill()
+			if how == "Crash" {
+				servertest.Crash(n)
 			} else {
 				cctx, ccancel := context.WithTimeout(context.Background(), time.Second)
 				defer ccancel()

@@ -48,7 +48,7 @@ func TestAnHTTPAnswerDoesNotOverrideEtcdBetweenWatches(t *testing.T) {
 	w := startWorker(t, "orders", func(c *worker.Config) {
 		c.Client = cli
 		c.Servers = []string{strings.TrimPrefix(stale.URL, "http://")}
-		c.Clock = clock
+		worker.SetClock(c, clock)
 		c.EtcdGrace = time.Hour
 	})
 	want := worker.Server{Address: ownerAddr, ServerID: "s1", Token: token}

@@ -10,6 +10,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/keyspace"
 )
 
 // putOwner writes the app's owner key as a server would, naming serverID
@@ -17,7 +18,7 @@ import (
 // worker only reads the key, so a test can move the owner at will.
 func putOwner(t testing.TB, cli *clientv3.Client, app int64, serverID, addr string) int64 {
 	t.Helper()
-	keys, _ := coord.NewKeys("")
+	keys, _ := keyspace.New("")
 	rec, err := coord.OwnerRecord{
 		ServerID:   serverID,
 		Protocols:  coord.Protocols{coord.ProtocolHTTP: {Address: addr}},

@@ -25,8 +25,9 @@ var ErrInvalidConfig = coord.ErrInvalidConfig
 // ErrNoServer: no server could be found (Start without AllowLazyConnect).
 var ErrNoServer = errors.New("worker: no server available")
 
-// Clock is the time source of the discovery rounds; tests replace it.
-type Clock interface {
+// clock is the time source of the discovery rounds; tests replace it
+// (export_test.go).
+type clock interface {
 	Now() time.Time
 	After(d time.Duration) <-chan time.Time
 }
@@ -92,13 +93,12 @@ type Config struct {
 	OnIsolated func()
 	// HTTPClient sends the requests; nil means a client of its own.
 	HTTPClient *http.Client
-	// Clock times everything the worker plans (rounds, retries, pauses);
-	// nil means real time.
-	Clock Clock
 	// Logger receives the worker's logs; nil discards them.
 	Logger hclog.Logger
 	// Registerer, if set, receives the worker's metrics.
 	Registerer prometheus.Registerer
+
+	clock clock // nil: real time
 }
 
 // DefaultConfig returns a Config with every default filled in; set
@@ -130,7 +130,7 @@ func (c Config) withDefaults() (Config, error) {
 			return c, fmt.Errorf("worker: %w: Servers entry %q: %v", ErrInvalidConfig, s, err)
 		}
 	}
-	if _, err := coord.NewKeys(c.Prefix); err != nil {
+	if err := coord.ValidatePrefix(c.Prefix); err != nil {
 		return c, fmt.Errorf("worker: %w: Prefix (%q): %v", ErrInvalidConfig, c.Prefix, err)
 	}
 	if c.Protocol == "" {
@@ -170,8 +170,8 @@ func (c Config) withDefaults() (Config, error) {
 	if c.PingTimeout > c.RequestTimeout {
 		return c, fmt.Errorf("worker: %w: PingTimeout (%v) must not exceed RequestTimeout (%v)", ErrInvalidConfig, c.PingTimeout, c.RequestTimeout)
 	}
-	if c.Clock == nil {
-		c.Clock = realClock{}
+	if c.clock == nil {
+		c.clock = realClock{}
 	}
 	if c.Logger == nil {
 		c.Logger = hclog.NewNullLogger()

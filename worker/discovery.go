@@ -14,6 +14,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/keyspace"
 )
 
 // Server is the scheduler server a worker should talk to.
@@ -38,7 +39,7 @@ type Change struct {
 // use; Current never blocks.
 type Discovery struct {
 	cfg      Config
-	keys     coord.Keys
+	keys     keyspace.Keys
 	logger   hclog.Logger
 	api      *httpAPI
 	registry *coord.Registry // nil without a client
@@ -68,7 +69,7 @@ func New(cfg Config) (*Discovery, error) {
 	if err != nil {
 		return nil, err
 	}
-	keys, _ := coord.NewKeys(cfg.Prefix)
+	keys, _ := keyspace.New(cfg.Prefix)
 	m, err := newMetrics(cfg.Registerer, cfg.AppName)
 	if err != nil {
 		return nil, err
@@ -90,7 +91,7 @@ func New(cfg Config) (*Discovery, error) {
 	}
 	d.api = &httpAPI{client: client, timeout: cfg.RequestTimeout, tries: cfg.Tries, pause: cfg.TryPause, protocol: cfg.Protocol, requests: m.request}
 	if cfg.Client != nil {
-		d.registry = coord.NewRegistry(cfg.Client, keys)
+		d.registry, _ = coord.NewRegistry(cfg.Client, cfg.Prefix) // validated by withDefaults
 	}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	return d, nil

@@ -13,6 +13,7 @@ import (
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/etcdcluster"
+	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
 	"github.com/batonhq/baton/worker"
@@ -174,8 +175,8 @@ func deadAddr(t testing.TB) string {
 }
 
 func register(t testing.TB, cli *clientv3.Client, name string) int64 {
-	keys, _ := coord.NewKeys("")
-	app, err := coord.NewRegistry(cli, keys).Register(context.Background(), name)
+	keys, _ := keyspace.New("")
+	app, err := testutil.Must(coord.NewRegistry(cli, keys.Prefix())).Register(context.Background(), name)
 	if err != nil {
 		t.Fatal(err)
 	}

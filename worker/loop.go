@@ -148,7 +148,7 @@ func (d *Discovery) run(st startState) {
 		l.startResync()
 	default:
 		// Etcd did not answer Start: poll until it does.
-		l.troubleSince, l.polling = d.cfg.Clock.Now(), true
+		l.troubleSince, l.polling = d.cfg.clock.Now(), true
 		l.scheduleResync()
 	}
 	if d.cfg.Client != nil {
@@ -156,7 +156,7 @@ func (d *Discovery) run(st startState) {
 		defer t.Stop()
 		health = t.C
 	}
-	l.interval = d.cfg.Clock.After(d.cfg.Interval)
+	l.interval = d.cfg.clock.After(d.cfg.Interval)
 	for {
 		select {
 		case <-d.ctx.Done():
@@ -190,7 +190,7 @@ func (d *Discovery) run(st startState) {
 				l.startRound()
 			}
 		case <-l.interval:
-			l.interval = d.cfg.Clock.After(d.cfg.Interval)
+			l.interval = d.cfg.clock.After(d.cfg.Interval)
 			l.startCheck()
 			if l.polling || l.searching {
 				l.startRound()
@@ -224,7 +224,7 @@ func (l *loop) leaveWatch() {
 // troubled notes that etcd failed the worker, if it had not already.
 func (l *loop) troubled() {
 	if l.troubleSince.IsZero() {
-		l.troubleSince = l.d.cfg.Clock.Now()
+		l.troubleSince = l.d.cfg.clock.Now()
 	}
 }
 
@@ -238,7 +238,7 @@ func (l *loop) scheduleResync() {
 	if l.resyncTries > 0 {
 		pause = backoff.Jittered(l.resyncTries-1, resyncPauseMin, resyncPauseMax)
 	}
-	l.resyncAt = l.d.cfg.Clock.After(pause)
+	l.resyncAt = l.d.cfg.clock.After(pause)
 }
 
 // startResync starts, in its own goroutine, a watch of the owner key,
@@ -371,7 +371,7 @@ func (l *loop) apply(events []*clientv3.Event) {
 func (l *loop) lookSoon() {
 	l.searching = true
 	if l.askAt == nil {
-		l.askAt = l.d.cfg.Clock.After(jittered(l.d.cfg.Jitter))
+		l.askAt = l.d.cfg.clock.After(jittered(l.d.cfg.Jitter))
 	}
 }
 
@@ -448,7 +448,7 @@ func (l *loop) report(addr string) {
 	if l.roundAt != nil {
 		return // a round is planned already
 	}
-	now := d.cfg.Clock.Now()
+	now := d.cfg.clock.Now()
 	pause := l.reportOK.Sub(now)
 	l.reportOK = now.Add(max(pause, 0) + backoff.Jittered(l.reportTries, d.cfg.TryPause, d.cfg.Interval))
 	l.reportTries++
@@ -456,7 +456,7 @@ func (l *loop) report(addr string) {
 		l.startRound()
 		return
 	}
-	l.roundAt = d.cfg.Clock.After(pause)
+	l.roundAt = d.cfg.clock.After(pause)
 }
 
 // finished takes a round's result. Unless the worker polls, etcd alone
@@ -517,7 +517,7 @@ func (l *loop) found() {
 // server meanwhile; nothing says it has changed.
 func (l *loop) checkHealth() {
 	d := l.d
-	now := d.cfg.Clock.Now()
+	now := d.cfg.clock.Now()
 	if l.watchCh != nil {
 		if l.connHealthy() {
 			l.troubleSince = time.Time{}
@@ -532,7 +532,7 @@ func (l *loop) checkHealth() {
 	l.leaveWatch()
 	l.scheduleResync()
 	l.polling = true
-	l.interval = d.cfg.Clock.After(time.Duration(rand.Int64N(int64(d.cfg.Interval))))
+	l.interval = d.cfg.clock.After(time.Duration(rand.Int64N(int64(d.cfg.Interval))))
 }
 
 func (l *loop) connHealthy() bool {

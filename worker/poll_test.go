@@ -29,7 +29,7 @@ func TestPollingAsksTheCurrentServerOncePerRound(t *testing.T) {
 	clock := testutil.NewFakeClock()
 	w := startWorker(t, "orders", func(c *worker.Config) {
 		c.Servers = []string{n2.Addr(), n.Addr()} // no etcd: PowerJob's polling
-		c.Clock = clock
+		worker.SetClock(c, clock)
 	})
 	if w.current() != owner {
 		t.Fatalf("worker at %q, owner %s", w.current(), owner)
@@ -149,7 +149,7 @@ func TestLazyConnectFindsAServerThatAppearsLater(t *testing.T) {
 	w := startWorker(t, "orders", func(c *worker.Config) {
 		c.Servers = []string{addr}
 		c.AllowLazyConnect = true
-		c.Clock = clock
+		worker.SetClock(c, clock)
 	})
 	if _, ok := w.discovery.Current(); ok || w.discovery.AppID() != 0 {
 		t.Fatal("a lazy worker found something before any server existed")
@@ -208,7 +208,7 @@ func TestLazyWorkerWithEtcdResolvesAnAppRegisteredLater(t *testing.T) {
 	w := startWorker(t, "late", func(c *worker.Config) {
 		c.Client = cli
 		c.AllowLazyConnect = true
-		c.Clock = clock
+		worker.SetClock(c, clock)
 	})
 	if w.discovery.AppID() != 0 {
 		t.Fatal("resolved an app that is not registered")

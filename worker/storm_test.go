@@ -36,7 +36,7 @@ func TestRepeatedReportsBackOff(t *testing.T) {
 	clock := testutil.NewFakeClock()
 	w := startWorker(t, "orders", func(c *worker.Config) {
 		c.Servers = []string{addr}
-		c.Clock = clock
+		worker.SetClock(c, clock)
 	})
 	rounds := func() float64 { return w.metric(t, "baton_worker_rounds_total", "") }
 	before := rounds()

@@ -8,7 +8,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
 	"github.com/batonhq/baton/worker"
@@ -45,7 +45,7 @@ func TestHundredWorkersFollowAHandover(t *testing.T) {
 	// Stamp the new owner's put as an independent watcher sees it.
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	keys, _ := coord.NewKeys("")
+	keys, _ := keyspace.New("")
 	watch := cli.Watch(ctx, keys.Owner(app))
 	to, err := owner.Elector().HandOver(ctx, app)
 	if err != nil {
@@ -103,7 +103,7 @@ func TestSteadyStateWithEtcdSendsNoHTTP(t *testing.T) {
 	w := startWorker(t, "orders", func(c *worker.Config) {
 		c.Client = cli
 		c.Servers = []string{n.Addr()}
-		c.Clock = clock
+		worker.SetClock(c, clock)
 	})
 	testutil.Eventually(t, 5*time.Second, "the worker to watch", func() bool {
 		return w.metric(t, "baton_worker_watching", "") == 1
@@ -132,7 +132,7 @@ func TestOwnerGoneWithNoServerIsolatesAfterExactlyThreeRounds(t *testing.T) {
 	w := startWorker(t, "orders", func(c *worker.Config) {
 		c.Client = cli
 		c.Servers = []string{deadAddr(t), deadAddr(t)}
-		c.Clock = clock
+		worker.SetClock(c, clock)
 	})
 	failedRounds := func() float64 { return w.metric(t, "baton_worker_rounds_total", "failed") }
 

@@ -22,8 +22,11 @@ func Example() {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 
-	keys, _ := coord.NewKeys(coord.DefaultPrefix)
-	registry := coord.NewRegistry(etcd.Client(), keys)
+	registry, err := coord.NewRegistry(etcd.Client(), coord.DefaultPrefix)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
 	app, err := registry.Register(ctx, "orders")
 	if err != nil {
 		fmt.Println(err)

@@ -29,7 +29,7 @@ import (
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/coord/embedded"
 	"github.com/batonhq/baton/election"
-	"github.com/batonhq/baton/internal/monoclock"
+	"github.com/batonhq/baton/election/electiontest"
 	"github.com/batonhq/baton/server"
 )
 
@@ -162,15 +162,15 @@ func run(logger hclog.Logger, endpoints []string, metricsAddr, listen, advertise
 			// resumed) before the end of its previous interval has been
 			// printed: the sequence number pairs each end with its acquire.
 			seq := acquisitions.Add(1)
-			emit(event{Event: "acquire", Server: node.ID(), App: app, Token: token, Seq: seq, MonoNs: monoclock.Now(), Time: time.Now()})
+			emit(event{Event: "acquire", Server: node.ID(), App: app, Token: token, Seq: seq, MonoNs: electiontest.MonoNow(), Time: time.Now()})
 			ends.Go(func() {
 				<-octx.Done()
-				at, _ := election.EndedAt(octx)
-				emit(event{Event: "end", Server: node.ID(), App: app, Token: token, Seq: seq, MonoNs: monoclock.Of(at), Time: at})
+				at, _ := electiontest.EndedAt(octx)
+				emit(event{Event: "end", Server: node.ID(), App: app, Token: token, Seq: seq, MonoNs: electiontest.Mono(at), Time: at})
 			})
 		},
 		OnLose: func(app, token int64, why election.Reason) {
-			emit(event{Event: "lose", Server: node.ID(), App: app, Token: token, Reason: string(why), MonoNs: monoclock.Now(), Time: time.Now()})
+			emit(event{Event: "lose", Server: node.ID(), App: app, Token: token, Reason: string(why), MonoNs: electiontest.MonoNow(), Time: time.Now()})
 		},
 	}
 	if node, err = server.NewNode(cfg); err != nil {
@@ -192,7 +192,7 @@ func run(logger hclog.Logger, endpoints []string, metricsAddr, listen, advertise
 		}
 		logger.Info("app registered", "app_name", name, "app_id", app.ID)
 	}
-	emit(event{Event: "started", Server: node.ID(), Addr: node.Addr(), MonoNs: monoclock.Now(), Time: time.Now()})
+	emit(event{Event: "started", Server: node.ID(), Addr: node.Addr(), MonoNs: electiontest.MonoNow(), Time: time.Now()})
 
 	<-ctx.Done()
 	logger.Info("signal received, draining")
@@ -200,6 +200,6 @@ func run(logger hclog.Logger, endpoints []string, metricsAddr, listen, advertise
 	defer cancel()
 	err = node.Close(closeCtx)
 	ends.Wait()
-	emit(event{Event: "stopped", Server: node.ID(), MonoNs: monoclock.Now(), Time: time.Now()})
+	emit(event{Event: "stopped", Server: node.ID(), MonoNs: electiontest.MonoNow(), Time: time.Now()})
 	return err
 }

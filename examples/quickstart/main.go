@@ -23,6 +23,7 @@ import (
 	"github.com/batonhq/baton/coord/embedded"
 	"github.com/batonhq/baton/election"
 	"github.com/batonhq/baton/server"
+	"github.com/batonhq/baton/server/servertest"
 	"github.com/batonhq/baton/worker"
 )
 
@@ -123,8 +124,10 @@ func run(endpoints, prefix string, ttl time.Duration, verbose bool) error {
 	}
 
 	// Two apps, four workers each.
-	keys, _ := coord.NewKeys(prefix)
-	registry := coord.NewRegistry(admin, keys)
+	registry, err := coord.NewRegistry(admin, prefix)
+	if err != nil {
+		return err
+	}
 	apps := map[string]int64{}
 	for _, name := range []string{"orders", "billing"} {
 		app, err := registry.Register(ctx, name)
@@ -157,25 +160,26 @@ func run(endpoints, prefix string, ttl time.Duration, verbose bool) error {
 		cur, _ := workers[name][0].Current()
 		tl.say("4 workers of %q started; they were sent to %s", name, byAddr(cur.Address))
 	}
+	// owners asks each live server which of the apps it acts for now,
+	// with the ownership's fencing token.
 	owners := func() map[string]string {
 		out := map[string]string{}
-		for name, id := range apps {
-			resp, err := admin.Get(ctx, keys.Owner(id))
-			if err != nil || len(resp.Kvs) == 0 {
-				continue
+		for id, n := range nodes {
+			for name, app := range apps {
+				if o, ok := n.Elector().Ownership(app); ok {
+					out[name] = fmt.Sprintf("%s (token %d)", id, o.Token)
+				}
 			}
-			rec, _ := coord.DecodeOwnerRecord(resp.Kvs[0].Value)
-			out[name] = fmt.Sprintf("%s (token %d)", rec.ServerID, resp.Kvs[0].ModRevision)
 		}
 		return out
 	}
 	ownerID := func(name string) string {
-		resp, _ := admin.Get(ctx, keys.Owner(apps[name]))
-		if len(resp.Kvs) == 0 {
-			return ""
+		for id, n := range nodes {
+			if _, ok := n.Elector().Ownership(apps[name]); ok {
+				return id
+			}
 		}
-		rec, _ := coord.DecodeOwnerRecord(resp.Kvs[0].Value)
-		return rec.ServerID
+		return ""
 	}
 
 	// A new watch starts out "unsynced" in etcd and is caught up by a
@@ -211,7 +215,7 @@ func run(endpoints, prefix string, ttl time.Duration, verbose bool) error {
 	vttl := nodes[victim].Session().TTL()
 	tl.say("(b) crashing %s, the owner of billing: HTTP and etcd cut, lease not revoked (TTL %v)", victim, vttl)
 	followed = followInBackground(ctx, tl, workers["billing"], nodes[victim].Addr())
-	nodes[victim].Kill()
+	servertest.Crash(nodes[victim])
 	if f = <-followed; f.err != nil {
 		return f.err
 	}
@@ -222,6 +226,11 @@ func run(endpoints, prefix string, ttl time.Duration, verbose bool) error {
 	fmt.Println()
 	tl.say("(c) owners now:")
 	table := owners()
+	// A new owner acts once its own watch has shown it its key, a moment
+	// after the workers saw that key.
+	for deadline := time.Now().Add(2 * time.Second); len(table) < len(apps) && time.Now().Before(deadline); table = owners() {
+		time.Sleep(10 * time.Millisecond)
+	}
 	names := slices.Sorted(func(yield func(string) bool) {
 		for n := range table {
 			if !yield(n) {

@@ -20,7 +20,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
-	"github.com/batonhq/baton/internal/monoclock"
+	"github.com/batonhq/baton/election/electiontest"
 	"github.com/batonhq/baton/worker"
 )
 
@@ -88,10 +88,10 @@ func run(logger hclog.Logger, etcd, servers, app, prefix string, interval time.D
 	}
 	// OnChange runs on the discovery goroutine, in order: print from it.
 	cfg.OnChange = func(old, new worker.Server) {
-		_ = out.Encode(line{Event: "change", App: app, Old: old.Address, New: new.Address, ServerID: new.ServerID, Token: new.Token, MonoNs: monoclock.Now(), Time: time.Now()})
+		_ = out.Encode(line{Event: "change", App: app, Old: old.Address, New: new.Address, ServerID: new.ServerID, Token: new.Token, MonoNs: electiontest.MonoNow(), Time: time.Now()})
 	}
 	cfg.OnIsolated = func() {
-		_ = out.Encode(line{Event: "isolated", App: app, MonoNs: monoclock.Now(), Time: time.Now()})
+		_ = out.Encode(line{Event: "isolated", App: app, MonoNs: electiontest.MonoNow(), Time: time.Now()})
 	}
 	d, err := worker.New(cfg)
 	if err != nil {

@@ -183,3 +183,12 @@ func Eventually(t testing.TB, timeout time.Duration, what string, cond func() bo
 // raft stop and the close of its listeners leaves one goroutine of etcd's
 // peer handler blocked on the closed backend for good.
 var IgnoreHardStoppedEtcd = goleak.IgnoreAnyFunction("go.etcd.io/etcd/server/v3/etcdserver/api/etcdhttp.newPeerHandler.versionHandler.func1")
+
+// Must returns v, panicking if err is not nil: for test setup whose
+// failure is a bug in the test.
+func Must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
+}

@@ -1,11 +1,24 @@
-package coord
+// Package keyspace is baton's etcd key layout (DESIGN.md, "Keyspace"):
+// every key baton reads or writes is built and parsed here.
+package keyspace
 
 import (
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
 	"unicode"
 	"unicode/utf8"
+)
+
+// Errors of the layout; coord re-exports them under the same names.
+var (
+	// ErrInvalidPrefix: a key prefix breaks a rule of New.
+	ErrInvalidPrefix = errors.New("coord: invalid key prefix")
+	// ErrInvalidAppName: an app name breaks a rule of ValidateName.
+	ErrInvalidAppName = errors.New("coord: invalid app name")
+	// ErrInvalidServerID: a server id breaks a rule of ValidateName.
+	ErrInvalidServerID = errors.New("coord: invalid server id")
 )
 
 // DefaultPrefix is the key prefix baton uses when none is configured.
@@ -27,17 +40,17 @@ const MaxNameBytes = 128
 // Every user-supplied segment (app names, server ids) is validated and
 // escaped so that it stays inside its own slot: it never contains a "/" and
 // two different inputs never share a key. A Keys value is immutable and safe
-// for concurrent use; the zero value is not valid, use NewKeys.
+// for concurrent use; the zero value is not valid, use New.
 type Keys struct {
 	prefix string
 }
 
-// NewKeys returns the layout under prefix. An empty prefix means
+// New returns the layout under prefix. An empty prefix means
 // DefaultPrefix. A prefix must start with "/", must not end with "/", and
 // must not contain empty segments, "." or ".." segments, or control
 // characters, so that two deployments with different prefixes never share a
 // key.
-func NewKeys(prefix string) (Keys, error) {
+func New(prefix string) (Keys, error) {
 	if prefix == "" {
 		prefix = DefaultPrefix
 	}
@@ -84,28 +97,28 @@ func (k Keys) AppIDPrefix() string { return k.prefix + "/apps/ids/" }
 // AppName is the key of the app record for name. It fails with
 // ErrInvalidAppName when name breaks a rule of ValidateName.
 func (k Keys) AppName(name string) (string, error) {
-	if err := validateName("app name", name); err != nil {
+	if err := ValidateName("app name", name); err != nil {
 		return "", fmt.Errorf("%w: %v", ErrInvalidAppName, err)
 	}
 	return k.AppNamePrefix() + escape(name), nil
 }
 
 // AppID is the key of the app record for id; id must be positive.
-func (k Keys) AppID(id int64) string { return k.AppIDPrefix() + formatID(id) }
+func (k Keys) AppID(id int64) string { return k.AppIDPrefix() + FormatID(id) }
 
 // OwnerPrefix is the prefix of all owner keys; the server's one watch
 // covers it.
 func (k Keys) OwnerPrefix() string { return k.prefix + "/current-server/" }
 
 // Owner is the key naming the server that currently owns app id.
-func (k Keys) Owner(appID int64) string { return k.OwnerPrefix() + formatID(appID) }
+func (k Keys) Owner(appID int64) string { return k.OwnerPrefix() + FormatID(appID) }
 
 // DisplacedPrefix is the prefix of all displacement markers.
 func (k Keys) DisplacedPrefix() string { return k.prefix + "/displaced/" }
 
 // Displaced is the prefix of app id's displacement markers: while any key
 // exists under it, no server may act for the app.
-func (k Keys) Displaced(appID int64) string { return k.DisplacedPrefix() + formatID(appID) + "/" }
+func (k Keys) Displaced(appID int64) string { return k.DisplacedPrefix() + FormatID(appID) + "/" }
 
 // DisplacedMarker is the marker written when app id's owner key, bound to
 // lease, is overwritten while the lease is alive; the marker is bound to
@@ -146,7 +159,7 @@ func (k Keys) OwnershipRange() (start, end string) {
 func (k Keys) IsOwnerKey(key string) bool { return strings.HasPrefix(key, k.OwnerPrefix()) }
 
 // Lock is the concurrency.Mutex prefix of app id.
-func (k Keys) Lock(appID int64) string { return k.prefix + "/locks/" + formatID(appID) + "/" }
+func (k Keys) Lock(appID int64) string { return k.prefix + "/locks/" + FormatID(appID) + "/" }
 
 // ServerPrefix is the prefix of all live-server records.
 func (k Keys) ServerPrefix() string { return k.prefix + "/servers/" }
@@ -154,7 +167,7 @@ func (k Keys) ServerPrefix() string { return k.prefix + "/servers/" }
 // Server is the membership key of server id. It fails with
 // ErrInvalidServerID when id breaks a rule of ValidateName.
 func (k Keys) Server(id string) (string, error) {
-	if err := validateName("server id", id); err != nil {
+	if err := ValidateName("server id", id); err != nil {
 		return "", fmt.Errorf("%w: %v", ErrInvalidServerID, err)
 	}
 	return k.ServerPrefix() + escape(id), nil
@@ -185,9 +198,8 @@ func (k Keys) ServerIDFromKey(key string) (string, error) {
 
 // ValidateName reports whether s is acceptable as an app name or a server
 // id: 1 to MaxNameBytes bytes of valid UTF-8 with no control characters.
-func ValidateName(s string) error { return validateName("name", s) }
-
-func validateName(what, s string) error {
+// what names s in the error ("app name", "server id").
+func ValidateName(what, s string) error {
 	switch {
 	case s == "":
 		return fmt.Errorf("%s must not be empty", what)
@@ -202,7 +214,8 @@ func validateName(what, s string) error {
 	return nil
 }
 
-func formatID(id int64) string { return strconv.FormatInt(id, 10) }
+// FormatID is the key segment of an app id.
+func FormatID(id int64) string { return strconv.FormatInt(id, 10) }
 
 func parseID(key, prefix string) (int64, error) {
 	seg, ok := strings.CutPrefix(key, prefix)
@@ -210,7 +223,7 @@ func parseID(key, prefix string) (int64, error) {
 		return 0, fmt.Errorf("coord: key %q is not under %q", key, prefix)
 	}
 	id, err := strconv.ParseInt(seg, 10, 64)
-	if err != nil || id <= 0 || formatID(id) != seg {
+	if err != nil || id <= 0 || FormatID(id) != seg {
 		return 0, fmt.Errorf("coord: key %q does not end in a positive id", key)
 	}
 	return id, nil

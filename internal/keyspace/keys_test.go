@@ -1,29 +1,27 @@
-package coord_test
+package keyspace
 
 import (
 	"errors"
 	"strings"
 	"testing"
 	"unicode/utf8"
-
-	"github.com/batonhq/baton/coord"
 )
 
 func TestNewKeysRejectsPrefixesThatCouldCollide(t *testing.T) {
 	for _, p := range []string{"baton", "/baton/", "/a//b", "/a/../b", "/a/./b", "/", "/a\x00b", "/\xff", "/" + strings.Repeat("a", 600)} {
-		if _, err := coord.NewKeys(p); !errors.Is(err, coord.ErrInvalidPrefix) {
+		if _, err := New(p); !errors.Is(err, ErrInvalidPrefix) {
 			t.Errorf("NewKeys(%q) = %v, want ErrInvalidPrefix", p, err)
 		}
 	}
 	for _, p := range []string{"", "/baton", "/a/b-c/d_e", "/x.y"} {
-		if _, err := coord.NewKeys(p); err != nil {
+		if _, err := New(p); err != nil {
 			t.Errorf("NewKeys(%q) = %v, want nil", p, err)
 		}
 	}
 }
 
 func TestKeyLayoutMatchesTheDesign(t *testing.T) {
-	k, _ := coord.NewKeys("")
+	k, _ := New("")
 	name, err := k.AppName("powerjob-worker-samples")
 	if err != nil {
 		t.Fatal(err)
@@ -84,14 +82,14 @@ func FuzzAppNameKey(f *testing.F) {
 // decodes back to exactly the name, and so cannot be shared by another
 // name.
 func checkAppNameKey(t *testing.T, name string) {
-	keys, _ := coord.NewKeys("/p")
+	keys, _ := New("/p")
 	key, err := keys.AppName(name)
-	valid := coord.ValidateName(name) == nil
+	valid := ValidateName("name", name) == nil
 	if !valid {
-		if !errors.Is(err, coord.ErrInvalidAppName) || key != "" {
+		if !errors.Is(err, ErrInvalidAppName) || key != "" {
 			t.Fatalf("AppName(%q) = %q, %v; want ErrInvalidAppName", name, key, err)
 		}
-		if len(name) > 0 && len(name) <= coord.MaxNameBytes && utf8.ValidString(name) && !hasControl(name) {
+		if len(name) > 0 && len(name) <= MaxNameBytes && utf8.ValidString(name) && !hasControl(name) {
 			t.Fatalf("ValidateName(%q) refused a name that follows every rule", name)
 		}
 		return
@@ -103,7 +101,7 @@ func checkAppNameKey(t *testing.T, name string) {
 	if !ok || seg == "" || strings.ContainsAny(seg, "/.") {
 		t.Fatalf("AppName(%q) = %q leaves its slot", name, key)
 	}
-	if got, err := coord.UnescapeForTest(seg); err != nil || got != name {
+	if got, err := unescape(seg); err != nil || got != name {
 		t.Fatalf("segment %q of %q decodes to %q, %v", seg, name, got, err)
 	}
 }
@@ -118,7 +116,7 @@ func hasControl(s string) bool {
 }
 
 func TestServerKeysAreValidatedToo(t *testing.T) {
-	k, _ := coord.NewKeys("")
+	k, _ := New("")
 	if _, err := k.Server("a/../../b"); err != nil {
 		t.Fatalf("a/../../b is a valid (escaped) server id: %v", err)
 	}
@@ -126,7 +124,7 @@ func TestServerKeysAreValidatedToo(t *testing.T) {
 	if strings.Count(key, "/") != 3 {
 		t.Errorf("server key %q has extra segments", key)
 	}
-	if _, err := k.Server(""); !errors.Is(err, coord.ErrInvalidServerID) {
+	if _, err := k.Server(""); !errors.Is(err, ErrInvalidServerID) {
 		t.Errorf("empty server id: %v", err)
 	}
 }
