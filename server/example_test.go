@@ -3,6 +3,9 @@ package server_test
 import (
 	"context"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"time"
 
 	"github.com/batonhq/baton/coord"
@@ -48,4 +51,47 @@ func Example() {
 	// workers of orders talk to this node: true
 	// scheduling app 1
 	// stopped app 1: resigned
+}
+
+// A scheduler that already serves HTTP mounts the node's handler on its
+// own mux. The listener must exist before Start: the node advertises its
+// address, and peers and workers may call it at once.
+func Example_mountedOnYourMux() {
+	etcd, _ := embedded.Start(embedded.Config{}) // your cluster in production
+	defer etcd.Close()
+	ctx := context.Background()
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/jobs", func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, "your own API") })
+	srv := &http.Server{Handler: mux}
+	go srv.Serve(ln)
+	defer srv.Close()
+
+	cfg := server.DefaultConfig()
+	cfg.Client = etcd.Client()
+	cfg.Protocols = coord.Protocols{coord.ProtocolHTTP: {Address: ln.Addr().String()}}
+	node, err := server.NewNode(cfg)
+	if err != nil {
+		panic(err)
+	}
+	mux.Handle("/server/", node.Handler()) // PowerJob's worker endpoints
+	mux.Handle("/friend/", node.Handler()) // server-to-server pings
+	if err := node.Start(ctx); err != nil {
+		panic(err)
+	}
+	defer node.Close(ctx)
+	node.Registry().Register(ctx, "orders")
+
+	resp, err := http.Get("http://" + ln.Addr().String() + "/server/assert?appName=orders")
+	if err != nil {
+		panic(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	fmt.Println(resp.StatusCode, string(body))
+	// Output: 200 {"success":true,"data":1}
 }
