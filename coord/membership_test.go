@@ -20,7 +20,7 @@ func serverSession(t *testing.T, ctx context.Context, cli *clientv3.Client, id s
 	keys, _ := keyspace.New("")
 	register, err := coord.MembershipOnLease(cli, keys.Prefix(), coord.ServerRecord{
 		ServerID:  id,
-		Protocols: coord.Protocols{coord.ProtocolHTTP: {Address: id + ":7700"}},
+		Control: coord.Endpoint{Address: id + ":7700"}, Protocols: coord.Protocols{coord.ProtocolHTTP: {Address: id + ":10010"}},
 		StartedAt: time.Now(),
 	})
 	if err != nil {
@@ -62,7 +62,7 @@ func TestMembersFollowSessionsAndCompaction(t *testing.T) {
 	testutil.Eventually(t, 5*time.Second, "both servers listed", func() bool {
 		return slices.Equal(memberIDs(m), []string{"s1", "s2"})
 	})
-	if rec, ok := m.Get("s2"); !ok || rec.Protocols[coord.ProtocolHTTP].Address != "s2:7700" {
+	if rec, ok := m.Get("s2"); !ok || rec.Control.Address != "s2:7700" || rec.Protocols[coord.ProtocolHTTP].Address != "s2:10010" {
 		t.Fatalf("Get(s2) = %+v, %v", rec, ok)
 	}
 	succ, _ := m.Successor(7)

@@ -19,19 +19,36 @@ const RecordVersion = 1
 // hundred bytes.
 const maxRecordBytes = 64 << 10
 
-// ProtocolHTTP is the protocol every server must offer: PowerJob's workers
-// speak HTTP to their server.
-const ProtocolHTTP = "HTTP"
+// The transport protocols of PowerJob's workers: a worker names one in
+// its acquire request (PowerJob's default is AKKA) and is sent to the
+// owner's address for it. Any other name works the same way.
+const (
+	ProtocolHTTP = "HTTP"
+	ProtocolAKKA = "AKKA"
+)
 
-// Endpoint is where a server answers one protocol. Address is what other
-// servers and workers on the same network dial; ExternalAddress, when set,
-// is the address handed to workers that reach the server through NAT.
+// Endpoint is one address of a server. Address is what other servers and
+// workers on the same network dial; ExternalAddress, when set, is the
+// address handed to workers that reach the server through NAT.
 type Endpoint struct {
 	Address         string `json:"address"`
 	ExternalAddress string `json:"externalAddress,omitempty"`
 }
 
-// Protocols maps a protocol name ("HTTP") to where the server answers it.
+// ForWorkers is the address to give a worker: ExternalAddress when set,
+// else Address.
+func (e Endpoint) ForWorkers() string {
+	if e.ExternalAddress != "" {
+		return e.ExternalAddress
+	}
+	return e.Address
+}
+
+// Protocols maps a transport protocol name ("HTTP", "AKKA") to where the
+// server receives its workers' traffic in that protocol (PowerJob's
+// heartbeats, status and log reports): the address a worker's acquire
+// returns. It is not where baton's own endpoints answer (see the records'
+// Control).
 type Protocols map[string]Endpoint
 
 // AppRecord is stored under both apps/names/{name} and apps/ids/{id}.
@@ -46,8 +63,11 @@ type AppRecord struct {
 // the app and how to reach it. It is written once per ownership and bound
 // to the owner's lease; its ModRevision is the ownership's fencing token.
 type OwnerRecord struct {
-	Version   int       `json:"version"`
-	ServerID  string    `json:"serverId"`
+	Version  int    `json:"version"`
+	ServerID string `json:"serverId"`
+	// Control is where the owner answers baton's endpoints (/server/*
+	// for workers' discovery, /friend/ping for peers).
+	Control   Endpoint  `json:"control"`
 	Protocols Protocols `json:"protocols"`
 	// TTLMillis is the owner's lease TTL: how long a server that overwrites
 	// this record while the lease is alive must wait before acting.
@@ -81,8 +101,11 @@ func (r DisplacedRecord) Encode() ([]byte, error) {
 // ServerRecord is the value of servers/{serverId}, bound to the server's
 // lease: the server is a live member while it exists.
 type ServerRecord struct {
-	Version   int       `json:"version"`
-	ServerID  string    `json:"serverId"`
+	Version  int    `json:"version"`
+	ServerID string `json:"serverId"`
+	// Control is where the server answers baton's endpoints; Protocols
+	// are its transport addresses, as in OwnerRecord.
+	Control   Endpoint  `json:"control"`
 	Protocols Protocols `json:"protocols"`
 	StartedAt time.Time `json:"startedAt"`
 	// Software is the baton version the server runs, for diagnostics.
@@ -195,6 +218,9 @@ func (r OwnerRecord) validate() error {
 	if err := keyspace.ValidateName("server id", r.ServerID); err != nil {
 		return err
 	}
+	if r.Control.Address == "" {
+		return errors.New("owner record has no control address")
+	}
 	if err := r.Protocols.validate(); err != nil {
 		return err
 	}
@@ -224,6 +250,9 @@ func (r ServerRecord) validate() error {
 	if err := keyspace.ValidateName("server id", r.ServerID); err != nil {
 		return err
 	}
+	if r.Control.Address == "" {
+		return errors.New("server record has no control address")
+	}
 	if err := r.Protocols.validate(); err != nil {
 		return err
 	}
@@ -233,11 +262,11 @@ func (r ServerRecord) validate() error {
 	return nil
 }
 
-// validate requires the HTTP protocol and a non-empty address for each
-// protocol listed.
+// validate requires at least one protocol and a name and an address for
+// each.
 func (p Protocols) validate() error {
-	if _, ok := p[ProtocolHTTP]; !ok {
-		return fmt.Errorf("protocols lack %q", ProtocolHTTP)
+	if len(p) == 0 {
+		return errors.New("no protocol listed")
 	}
 	for name, ep := range p {
 		if err := keyspace.ValidateName("protocol name", name); err != nil {
@@ -250,6 +279,6 @@ func (p Protocols) validate() error {
 	return nil
 }
 
-// Validate reports whether p can be published: HTTP present, every
-// protocol named and addressed.
+// Validate reports whether p can be published: at least one protocol,
+// each named and addressed.
 func (p Protocols) Validate() error { return p.validate() }

@@ -12,7 +12,7 @@ func TestRecordsRoundTrip(t *testing.T) {
 	now := time.Date(2026, 11, 26, 3, 0, 0, 0, time.UTC)
 	protos := coord.Protocols{coord.ProtocolHTTP: {Address: "10.0.0.1:7700", ExternalAddress: "203.0.113.9:7700"}}
 
-	owner := coord.OwnerRecord{ServerID: "s1", Protocols: protos, TTLMillis: 5000, AcquiredAt: now}
+	owner := coord.OwnerRecord{ServerID: "s1", Control: coord.Endpoint{Address: "10.0.0.1:7700"}, Protocols: protos, TTLMillis: 5000, AcquiredAt: now}
 	data, err := owner.Encode()
 	if err != nil {
 		t.Fatal(err)
@@ -23,7 +23,7 @@ func TestRecordsRoundTrip(t *testing.T) {
 		t.Fatalf("owner round trip: %+v, %v", got, err)
 	}
 
-	srv := coord.ServerRecord{ServerID: "s1", Protocols: protos, StartedAt: now, Software: "dev"}
+	srv := coord.ServerRecord{ServerID: "s1", Control: coord.Endpoint{Address: "10.0.0.1:7700"}, Protocols: protos, StartedAt: now, Software: "dev"}
 	data, _ = srv.Encode()
 	if got, err := coord.DecodeServerRecord(data); err != nil || got.ServerID != "s1" || got.Software != "dev" {
 		t.Fatalf("server round trip: %+v, %v", got, err)
@@ -37,8 +37,14 @@ func TestRecordsRoundTrip(t *testing.T) {
 }
 
 func TestEncodeRefusesIncompleteRecords(t *testing.T) {
-	if _, err := (coord.OwnerRecord{ServerID: "s1", TTLMillis: 1, AcquiredAt: time.Now()}).Encode(); err == nil {
+	if _, err := (coord.OwnerRecord{ServerID: "s1", Control: coord.Endpoint{Address: "h:1"}, TTLMillis: 1, AcquiredAt: time.Now()}).Encode(); err == nil {
 		t.Error("owner record without protocols encoded")
+	}
+	if _, err := (coord.OwnerRecord{ServerID: "s1", Protocols: coord.Protocols{coord.ProtocolAKKA: {Address: "h:10086"}}, TTLMillis: 1, AcquiredAt: time.Now()}).Encode(); err == nil {
+		t.Error("owner record without a control address encoded")
+	}
+	if _, err := (coord.OwnerRecord{ServerID: "s1", Control: coord.Endpoint{Address: "h:1"}, Protocols: coord.Protocols{coord.ProtocolAKKA: {Address: "h:10086"}}, TTLMillis: 1, AcquiredAt: time.Now()}).Encode(); err != nil {
+		t.Errorf("owner record offering AKKA only: %v", err)
 	}
 	if _, err := (coord.AppRecord{ID: 0, Name: "x", CreatedAt: time.Now()}).Encode(); err == nil {
 		t.Error("app record with id 0 encoded")
@@ -46,7 +52,7 @@ func TestEncodeRefusesIncompleteRecords(t *testing.T) {
 }
 
 func TestDecodeIsStrict(t *testing.T) {
-	const ok = `{"version":1,"serverId":"s1","protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`
+	const ok = `{"version":1,"serverId":"s1","control":{"address":"h:7"},"protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`
 	if _, err := coord.DecodeOwnerRecord([]byte(ok)); err != nil {
 		t.Fatalf("valid record refused: %v", err)
 	}
@@ -55,16 +61,17 @@ func TestDecodeIsStrict(t *testing.T) {
 		"null":          `null`,
 		"not json":      `current-server`,
 		"array":         `[1,2]`,
-		"unknown field": `{"version":1,"serverId":"s1","protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z","extra":1}`,
-		"newer version": `{"version":2,"serverId":"s1","protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`,
-		"no version":    `{"serverId":"s1","protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`,
-		"no HTTP":       `{"version":1,"serverId":"s1","protocols":{"GRPC":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`,
-		"empty address": `{"version":1,"serverId":"s1","protocols":{"HTTP":{"address":""}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`,
-		"zero ttl":      `{"version":1,"serverId":"s1","protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":0,"acquiredAt":"2026-11-26T03:00:00Z"}`,
-		"wrong type":    `{"version":"1","serverId":"s1","protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`,
+		"unknown field": `{"version":1,"serverId":"s1","control":{"address":"h:7"},"protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z","extra":1}`,
+		"newer version": `{"version":2,"serverId":"s1","control":{"address":"h:7"},"protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`,
+		"no version":    `{"serverId":"s1","control":{"address":"h:7"},"protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`,
+		"no protocol":   `{"version":1,"serverId":"s1","control":{"address":"h:7"},"protocols":{},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`,
+		"no control":    `{"version":1,"serverId":"s1","protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`,
+		"empty address": `{"version":1,"serverId":"s1","control":{"address":"h:7"},"protocols":{"HTTP":{"address":""}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`,
+		"zero ttl":      `{"version":1,"serverId":"s1","control":{"address":"h:7"},"protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":0,"acquiredAt":"2026-11-26T03:00:00Z"}`,
+		"wrong type":    `{"version":"1","serverId":"s1","control":{"address":"h:7"},"protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`,
 		"trailing data": ok + `{}`,
 		"truncated":     ok[:40],
-		"control in id": `{"version":1,"serverId":"s\u0001","protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`,
+		"control in id": `{"version":1,"serverId":"s\u0001","control":{"address":"h:7"},"protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`,
 		"huge":          `{"version":1,"serverId":"` + string(make([]byte, 70<<10)) + `"}`,
 	} {
 		if _, err := coord.DecodeOwnerRecord([]byte(in)); !errors.Is(err, coord.ErrCorruptRecord) {
@@ -74,7 +81,7 @@ func TestDecodeIsStrict(t *testing.T) {
 }
 
 func FuzzDecodeRecords(f *testing.F) {
-	f.Add([]byte(`{"version":1,"serverId":"s1","protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`))
+	f.Add([]byte(`{"version":1,"serverId":"s1","control":{"address":"h:7"},"protocols":{"HTTP":{"address":"h:1"}},"ttlMillis":5000,"acquiredAt":"2026-11-26T03:00:00Z"}`))
 	f.Add([]byte(`{"version":1,"id":3,"name":"x","createdAt":"2026-11-26T03:00:00Z"}`))
 	f.Add([]byte(`{"version":1,"serverId":"s","protocols":{"HTTP":{"address":"a"}},"startedAt":"2026-11-26T03:00:00Z"}`))
 	f.Fuzz(func(t *testing.T, data []byte) {

@@ -33,6 +33,7 @@ func writeJunk(t testing.TB, c *cluster, n int, until time.Time) int {
 	t.Helper()
 	val, err := coord.OwnerRecord{
 		ServerID:   "junk",
+		Control:    coord.Endpoint{Address: "junk:7700"},
 		Protocols:  coord.Protocols{coord.ProtocolHTTP: {Address: "junk:7700"}},
 		TTLMillis:  1000,
 		AcquiredAt: time.Now().UTC(),

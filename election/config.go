@@ -15,9 +15,9 @@ import (
 // speaks, as PowerJob's /friend/ping does. The server package supplies the
 // HTTP implementation.
 type Pinger interface {
-	// Ping returns the protocols the server at address (its HTTP
-	// Endpoint.Address) answers, or an error if it did not answer before
-	// ctx ended.
+	// Ping returns the transport protocols of the server whose control
+	// address is address, or an error if it did not answer before ctx
+	// ended.
 	Ping(ctx context.Context, address string) (coord.Protocols, error)
 }
 
@@ -108,9 +108,13 @@ type Config struct {
 	// ServerID names this server in owner records; it must be the id the
 	// server registered its membership under. Required.
 	ServerID string
-	// Protocols says where this server answers each protocol; HTTP is
-	// required. Workers are given ExternalAddress when it is set, else
-	// Address.
+	// Control is where this server answers baton's endpoints: peers ping
+	// it there (Pinger) before taking an app from it. Required.
+	Control coord.Endpoint
+	// Protocols are this server's transport addresses, at least one:
+	// Elect answers a worker with the owner's address for the protocol
+	// the worker names. Workers are given ExternalAddress when it is set,
+	// else Address.
 	Protocols coord.Protocols
 	// Tuning: zero fields take DefaultTuning's values.
 	Tuning
@@ -129,7 +133,7 @@ type Config struct {
 }
 
 // DefaultConfig returns a Config with every default filled in; set
-// ServerID and Protocols.
+// ServerID, Control and Protocols.
 func DefaultConfig() Config {
 	return Config{Tuning: DefaultTuning()}
 }
@@ -159,6 +163,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if err := coord.ValidateName(c.ServerID); err != nil {
 		return c, fmt.Errorf("election: %w: ServerID (%q): %v", ErrInvalidConfig, c.ServerID, err)
+	}
+	if c.Control.Address == "" {
+		return c, fmt.Errorf("election: %w: Control.Address is empty", ErrInvalidConfig)
 	}
 	if err := c.Protocols.Validate(); err != nil {
 		return c, fmt.Errorf("election: %w: Protocols: %v", ErrInvalidConfig, err)

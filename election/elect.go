@@ -78,16 +78,10 @@ func (e *Elector) Elect(ctx context.Context, app int64, protocol, currentServer 
 }
 
 // workerAddress is where a worker reaches a server for protocol: the
-// external address when one is set (NAT), else the address.
+// external address when one is set (NAT), else the address; "" when the
+// server does not offer protocol.
 func workerAddress(p coord.Protocols, protocol string) string {
-	ep, ok := p[protocol]
-	if !ok {
-		return ""
-	}
-	if ep.ExternalAddress != "" {
-		return ep.ExternalAddress
-	}
-	return ep.Address
+	return p[protocol].ForWorkers()
 }
 
 func (e *Elector) protocolNames() []string {
@@ -319,6 +313,7 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool) 
 	}
 	rec := coord.OwnerRecord{
 		ServerID:   e.cfg.ServerID,
+		Control:    e.cfg.Control,
 		Protocols:  e.cfg.Protocols,
 		TTLMillis:  e.session.TTL().Milliseconds(),
 		AcquiredAt: time.Now().UTC(),
@@ -376,7 +371,7 @@ func (e *Elector) liveOwner(ctx context.Context, app int64, val []byte, lease cl
 	}
 	pctx, cancel := context.WithTimeout(ctx, e.cfg.PingTimeout)
 	defer cancel()
-	protocols, err := e.cfg.Pinger.Ping(pctx, rec.Protocols[coord.ProtocolHTTP].Address)
+	protocols, err := e.cfg.Pinger.Ping(pctx, rec.Control.Address)
 	if err != nil {
 		e.logger.Info("owner did not answer a ping", "app_id", app, "owner", rec.ServerID, "error", err)
 		down[rec.ServerID] = true

@@ -48,7 +48,8 @@ func Example() {
 	defer session.Close(ctx)
 	cfg := election.DefaultConfig()
 	cfg.ServerID = "s1"
-	cfg.Protocols = coord.Protocols{coord.ProtocolHTTP: {Address: "10.0.0.21:7700"}}
+	cfg.Control = coord.Endpoint{Address: "10.0.0.21:7700"}
+	cfg.Protocols = coord.Protocols{coord.ProtocolHTTP: {Address: "10.0.0.21:10010"}}
 	acting := make(chan int64, 1)
 	cfg.Callbacks.OnAcquire = func(ctx context.Context, app, token int64) { acting <- app }
 	elector, err := election.New(ctx, session, cfg)

@@ -408,7 +408,7 @@ func TestHandOverFallsBackToDeletionWhenTheSuccessorCannotBeWritten(t *testing.T
 	if err != nil {
 		t.Fatal(err)
 	}
-	rec, err := coord.ServerRecord{ServerID: "ghost", Protocols: coord.Protocols{coord.ProtocolHTTP: {Address: "ghost:1"}}, StartedAt: time.Now()}.Encode()
+	rec, err := coord.ServerRecord{ServerID: "ghost", Control: coord.Endpoint{Address: "ghost:1"}, Protocols: coord.Protocols{coord.ProtocolHTTP: {Address: "ghost:1"}}, StartedAt: time.Now()}.Encode()
 	if err != nil {
 		t.Fatal(err)
 	}

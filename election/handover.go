@@ -194,6 +194,7 @@ func (e *Elector) handoverTarget(ctx context.Context, id string) (handoverTarget
 	}
 	return handoverTarget{lease: lease, record: coord.OwnerRecord{
 		ServerID:   id,
+		Control:    srv.Control,
 		Protocols:  srv.Protocols,
 		TTLMillis:  ttl.GrantedTTL * 1000,
 		AcquiredAt: time.Now().UTC(),

@@ -133,7 +133,7 @@ func (c *cluster) addNode(id string, opts ...nodeOption) *node {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	register, err := coord.MembershipOnLease(n.cli, c.keys.Prefix(), coord.ServerRecord{ServerID: id, Protocols: protos, StartedAt: time.Now()})
+	register, err := coord.MembershipOnLease(n.cli, c.keys.Prefix(), coord.ServerRecord{ServerID: id, Control: coord.Endpoint{Address: n.addr}, Protocols: protos, StartedAt: time.Now()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,7 +143,7 @@ func (c *cluster) addNode(id string, opts ...nodeOption) *node {
 	}
 	cfg := election.DefaultConfig()
 	cfg.ServerID = id
-	cfg.Protocols = protos
+	cfg.Control, cfg.Protocols = coord.Endpoint{Address: n.addr}, protos
 	cfg.Pinger = c.pinger
 	cfg.PingTimeout = testPingTimeout
 	cfg.Logger = testutil.Logger(t).Named(id)

@@ -230,8 +230,8 @@ func TestConfigValidationNamesTheField(t *testing.T) {
 	}{
 		{election.Config{}, "ServerID"},
 		{election.Config{ServerID: "x"}, "Protocols"},
-		{election.Config{ServerID: "x", Protocols: coord.Protocols{"HTTP": {Address: "h:1"}}, Tuning: election.Tuning{LockTimeout: -time.Second}}, "LockTimeout (-1s)"},
-		{election.Config{ServerID: "x", Protocols: coord.Protocols{"HTTP": {Address: "h:1"}}, Tuning: election.Tuning{RetryTimes: -1}}, "RetryTimes (-1)"},
+		{election.Config{ServerID: "x", Control: coord.Endpoint{Address: "h:1"}, Protocols: coord.Protocols{"HTTP": {Address: "h:1"}}, Tuning: election.Tuning{LockTimeout: -time.Second}}, "LockTimeout (-1s)"},
+		{election.Config{ServerID: "x", Control: coord.Endpoint{Address: "h:1"}, Protocols: coord.Protocols{"HTTP": {Address: "h:1"}}, Tuning: election.Tuning{RetryTimes: -1}}, "RetryTimes (-1)"},
 	} {
 		_, err := election.New(context.Background(), n.session, tc.cfg)
 		if !errors.Is(err, election.ErrInvalidConfig) || !contains(err.Error(), tc.want) {

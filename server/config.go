@@ -32,14 +32,24 @@ type Config struct {
 	ServerID string
 	// TTL is the lease TTL, whole seconds, at least 1 s. Default 5 s.
 	TTL time.Duration
-	// Listen is the address the node's own HTTP server listens on, such as
-	// ":7700" or "127.0.0.1:0". Empty means no listener: mount Handler()
-	// in your own server and set Protocols.
+	// Listen is the address the node's own HTTP server listens on for
+	// baton's endpoints, such as ":7700" or "127.0.0.1:0" (PowerJob's web
+	// port). Empty means no listener: mount Handler() in your own server
+	// and set Control.
 	Listen string
-	// Protocols says where this server answers each protocol. When HTTP
-	// is missing and Listen is set, it is derived from the listener
+	// Control is where peers and workers reach baton's endpoints
+	// (/server/* for discovery, /friend/ping): the addresses to list in
+	// workers' server lists. Default, with Listen: the listener's address
 	// (loopback when listening on all interfaces — set it explicitly in a
-	// real deployment). ExternalAddress is what workers behind NAT get.
+	// real deployment). ExternalAddress is what workers behind NAT use.
+	Control coord.Endpoint
+	// Protocols are the scheduler's transport addresses, one per protocol
+	// its workers may speak ("HTTP", "AKKA", any name): a worker's acquire
+	// is answered with the owner's address for the protocol it names, and
+	// the worker then sends all its traffic there (PowerJob's heartbeats,
+	// status and log reports). Default: HTTP at Control — right only when
+	// the scheduler receives that traffic in the same HTTP server as
+	// baton's endpoints. ExternalAddress is what workers behind NAT get.
 	Protocols coord.Protocols
 	// Election tunes the elector; zero fields take the defaults of
 	// election.DefaultTuning. The node wires the rest of the elector
@@ -67,15 +77,21 @@ type Config struct {
 type HTTPTimeouts struct {
 	ReadHeader time.Duration // default 5 s
 	Read       time.Duration // default 10 s
-	Write      time.Duration // default 15 s: an acquire may run an election
+	Write      time.Duration // default 15 s
 	Idle       time.Duration // default 60 s
+	// Answer bounds the work behind a worker's request: an acquire's
+	// election, and (half of it) an assert's registry lookup. Default 4 s,
+	// under the 5 s a PowerJob worker waits for an answer: past it the
+	// worker is told "no" (acquire) or its connection dropped (assert), and
+	// it asks its next server instead of timing out. Must be below Write.
+	Answer time.Duration
 	// MaxHeaderBytes bounds request headers. Default 16 KiB.
 	MaxHeaderBytes int
 }
 
 // DefaultHTTPTimeouts returns the listener's default limits.
 func DefaultHTTPTimeouts() HTTPTimeouts {
-	return HTTPTimeouts{ReadHeader: 5 * time.Second, Read: 10 * time.Second, Write: 15 * time.Second, Idle: 60 * time.Second, MaxHeaderBytes: 16 << 10}
+	return HTTPTimeouts{ReadHeader: 5 * time.Second, Read: 10 * time.Second, Write: 15 * time.Second, Idle: 60 * time.Second, Answer: 4 * time.Second, MaxHeaderBytes: 16 << 10}
 }
 
 // DefaultConfig returns a Config with every default filled in except the
@@ -110,21 +126,34 @@ func (c Config) withDefaults() (Config, error) {
 	if err := coord.ValidateName(c.ServerID); err != nil {
 		return c, fmt.Errorf("server: %w: ServerID (%q): %v", ErrInvalidConfig, c.ServerID, err)
 	}
-	if _, ok := c.Protocols[coord.ProtocolHTTP]; !ok && c.Listen == "" {
-		return c, fmt.Errorf("server: %w: Protocols has no %q address and Listen is empty: set one of them", ErrInvalidConfig, coord.ProtocolHTTP)
+	if c.Control.Address == "" && c.Listen == "" {
+		return c, fmt.Errorf("server: %w: Control.Address and Listen are empty: set one of them", ErrInvalidConfig)
+	}
+	if c.Control.Address != "" {
+		if err := validHostPort(c.Control.Address); err != nil {
+			return c, fmt.Errorf("server: %w: Control.Address (%q): %v", ErrInvalidConfig, c.Control.Address, err)
+		}
+	}
+	if len(c.Protocols) > 0 {
+		if err := c.Protocols.Validate(); err != nil {
+			return c, fmt.Errorf("server: %w: Protocols: %v", ErrInvalidConfig, err)
+		}
 	}
 	d := DefaultHTTPTimeouts()
 	t := &c.HTTPTimeouts
 	for _, f := range []struct {
 		v   *time.Duration
 		def time.Duration
-	}{{&t.ReadHeader, d.ReadHeader}, {&t.Read, d.Read}, {&t.Write, d.Write}, {&t.Idle, d.Idle}} {
+	}{{&t.ReadHeader, d.ReadHeader}, {&t.Read, d.Read}, {&t.Write, d.Write}, {&t.Idle, d.Idle}, {&t.Answer, d.Answer}} {
 		if *f.v == 0 {
 			*f.v = f.def
 		}
 		if *f.v < 0 {
 			return c, fmt.Errorf("server: %w: HTTPTimeouts has a negative timeout (%v)", ErrInvalidConfig, *f.v)
 		}
+	}
+	if t.Answer >= t.Write {
+		return c, fmt.Errorf("server: %w: HTTPTimeouts.Answer (%v) must be below HTTPTimeouts.Write (%v)", ErrInvalidConfig, t.Answer, t.Write)
 	}
 	if t.MaxHeaderBytes == 0 {
 		t.MaxHeaderBytes = d.MaxHeaderBytes

@@ -28,7 +28,7 @@ func TestHandlerMountsInAnExistingServer(t *testing.T) {
 	cfg.Client = e.Client()
 	cfg.ServerID = "mounted"
 	cfg.TTL = time.Second
-	cfg.Protocols = coord.Protocols{coord.ProtocolHTTP: {Address: addr}}
+	cfg.Control = coord.Endpoint{Address: addr}
 	n, err := server.NewNode(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -42,7 +42,16 @@ func TestAssertAnswersTheAppIDAsANumber(t *testing.T) {
 	if r.status != 200 || r.success || !strings.Contains(r.message, "app(nobody) is not registered") {
 		t.Fatalf("unknown app: %d %v %q", r.status, r.success, r.message)
 	}
-	for _, q := range []url.Values{{}, {"appName": {""}}, {"appName": {"a\x00b"}}, {"appName": {"x", "y"}}, {"appName": {strings.Repeat("n", 200)}}} {
+	// A name baton could never register is simply not registered: the
+	// answer PowerJob gives for an unknown app, not a 400 (which a
+	// PowerJob worker takes as fatal just the same, but with no reason).
+	for _, name := range []string{"a\x00b", strings.Repeat("n", 200), "\xff"} {
+		r := w.get(n.Addr(), "/server/assert", url.Values{"appName": {name}})
+		if r.status != 200 || r.success || !strings.Contains(r.message, "is not registered") {
+			t.Errorf("assert %q: %d %v %q, want 200 and not registered", name, r.status, r.success, r.message)
+		}
+	}
+	for _, q := range []url.Values{{}, {"appName": {""}}, {"appName": {"x", "y"}}} {
 		if r := w.get(n.Addr(), "/server/assert", q); r.status != 400 || r.success || r.message == "" {
 			t.Errorf("assert %v: %d %v %q, want 400", q, r.status, r.success, r.message)
 		}
@@ -70,6 +79,7 @@ func TestAcquireAnswersTheOwnersAddressAsAString(t *testing.T) {
 	for name, q := range map[string]url.Values{
 		"unknown app":      {"appId": {"999"}, "protocol": {"HTTP"}},
 		"unknown protocol": {"appId": {id}, "protocol": {"AKKA"}},
+		"no protocol (AKKA, as PowerJob takes it)": {"appId": {id}},
 	} {
 		if r := w.get(n.Addr(), "/server/acquire", q); r.status != 200 || r.success || r.message == "" {
 			t.Errorf("%s: %d %v %q", name, r.status, r.success, r.message)
@@ -82,7 +92,6 @@ func TestAcquireAnswersTheOwnersAddressAsAString(t *testing.T) {
 		{"appId": {"-4"}, "protocol": {"HTTP"}},
 		{"appId": {"x"}, "protocol": {"HTTP"}},
 		{"appId": {"99999999999999999999"}, "protocol": {"HTTP"}},
-		{"appId": {id}},
 		{"appId": {id}, "protocol": {"HT\x01TP"}},
 		{"appId": {id}, "protocol": {"HTTP"}, "currentServer": {"no-port"}},
 		{"appId": {id}, "protocol": {"HTTP"}, "currentServer": {"h:99999"}},

@@ -73,7 +73,7 @@ func Example_mountedOnYourMux() {
 
 	cfg := server.DefaultConfig()
 	cfg.Client = etcd.Client()
-	cfg.Protocols = coord.Protocols{coord.ProtocolHTTP: {Address: ln.Addr().String()}}
+	cfg.Control = coord.Endpoint{Address: ln.Addr().String()}
 	node, err := server.NewNode(cfg)
 	if err != nil {
 		panic(err)

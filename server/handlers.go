@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -20,9 +21,9 @@ import (
 // admin token is configured.
 func (n *Node) routes() http.Handler {
 	mux := http.NewServeMux()
-	route(mux, "/server/assert", n.needsRunning(n.handleAssert), http.MethodGet)
-	route(mux, "/server/assertV2", n.needsRunning(n.handleAssertV2), http.MethodGet)
-	route(mux, "/server/acquire", n.needsRunning(n.handleAcquire), http.MethodGet)
+	route(mux, "/server/assert", n.abortsUnlessRunning(n.handleAssert), http.MethodGet)
+	route(mux, "/server/assertV2", n.abortsUnlessRunning(n.handleAssertV2), http.MethodGet)
+	route(mux, "/server/acquire", n.abortsUnlessRunning(n.handleAcquire), http.MethodGet)
 	route(mux, "/friend/ping", n.needsRunning(n.handlePing), http.MethodGet, http.MethodPost)
 	route(mux, "/server/hello", n.needsRunning(n.handleHello), http.MethodGet)
 	route(mux, "/server/checkConnectivity", n.handleCheckConnectivity, http.MethodGet)
@@ -66,6 +67,25 @@ func recoverPanics(n *Node, next http.Handler) http.Handler {
 	})
 }
 
+// abortsUnlessRunning drops the connection, without an answer, until
+// Start has succeeded. A PowerJob worker takes any answer to assert that
+// is not a success — a 503 included — as fatal and stops starting, but
+// moves on to its next server on a connection error: for the worker
+// endpoints a transient condition must look like one.
+func (n *Node) abortsUnlessRunning(h func(http.ResponseWriter, *http.Request, *running)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		run := n.run.Load()
+		if run == nil {
+			abort()
+		}
+		h(w, r, run)
+	}
+}
+
+// abort ends the request by closing its connection without an answer
+// (see abortsUnlessRunning).
+func abort() { panic(http.ErrAbortHandler) }
+
 // needsRunning answers 503 until Start has succeeded.
 func (n *Node) needsRunning(h func(http.ResponseWriter, *http.Request, *running)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
@@ -97,25 +117,35 @@ func (n *Node) handleAssertV2(w http.ResponseWriter, r *http.Request, _ *running
 	}
 }
 
-// lookupApp answers the app named by ?appName=, writing the error answer
-// itself when there is none.
+// lookupApp answers the app named by ?appName=, writing the answer itself
+// when there is none. Apps already known answer without etcd. An app
+// that is not registered — a name baton could never register included —
+// gets PowerJob's own answer (200, success:false, so the worker reports
+// it and stops). When etcd cannot tell within half the answer budget,
+// the connection is dropped so that the worker asks its next server.
 func (n *Node) lookupApp(w http.ResponseWriter, r *http.Request) (coord.AppRecord, bool) {
-	name, err := appNameParam(r.URL.Query())
+	q := r.URL.Query()
+	name, err := single(q, "appName")
 	if err != nil {
 		badRequest(w, err.Error())
 		return coord.AppRecord{}, false
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	unknown := func() (coord.AppRecord, bool) {
+		failed(w, fmt.Sprintf("app(%s) is not registered! Please register the app first.", truncate(name)))
+		return coord.AppRecord{}, false
+	}
+	if coord.ValidateName(name) != nil {
+		return unknown()
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), n.cfg.HTTPTimeouts.Answer/2)
 	defer cancel()
-	app, err := n.registry.ByName(ctx, name)
+	app, err := n.apps.lookup(ctx, n.registry, name)
 	switch {
 	case errors.Is(err, coord.ErrUnknownApp):
-		failed(w, fmt.Sprintf("app(%s) is not registered! Please register the app first.", name))
-		return coord.AppRecord{}, false
+		return unknown()
 	case err != nil:
-		n.logger.Warn("app lookup failed", "app_name", name, "error", err)
-		failed(w, "app lookup failed: "+err.Error())
-		return coord.AppRecord{}, false
+		n.logger.Warn("app lookup failed; dropping the request so the worker asks another server", "app_name", name, "error", err)
+		abort()
 	}
 	return app, true
 }
@@ -137,9 +167,10 @@ func (n *Node) handleAcquire(w http.ResponseWriter, r *http.Request, run *runnin
 		badRequest(w, err.Error())
 		return
 	}
-	// An election can take a few round trips and, at worst, lock waits;
-	// keep it inside the listener's write timeout.
-	ctx, cancel := context.WithTimeout(r.Context(), n.cfg.HTTPTimeouts.Write*2/3)
+	// An election can take a few round trips and, at worst, lock waits.
+	// A PowerJob worker reads for 5 s: past the answer budget it is
+	// better told "no" (and asks its next server) than left to time out.
+	ctx, cancel := context.WithTimeout(r.Context(), n.cfg.HTTPTimeouts.Answer)
 	defer cancel()
 	addr, err := run.elector.Elect(ctx, app, protocol, current)
 	if err != nil {
@@ -160,17 +191,42 @@ func (n *Node) handlePing(w http.ResponseWriter, _ *http.Request, run *running) 
 	ok(w, run.protocols)
 }
 
-// hello is /server/hello's diagnostics.
+// hello is /server/hello's diagnostics: PowerJob's fields first, then
+// baton's own.
 type hello struct {
-	ServerID     string          `json:"serverId"`
-	Version      string          `json:"version"`
-	Protocols    coord.Protocols `json:"protocols"`
-	Owned        []ownedApp      `json:"owned"`
-	Lease        leaseState      `json:"lease"`
-	Healthy      bool            `json:"healthy"`
-	Health       string          `json:"health,omitempty"`
-	ServerTime   string          `json:"serverTime"`
-	ServerTimeTs int64           `json:"serverTimeTs"`
+	LocalHost      string         `json:"localHost"`
+	ServerInfo     serverInfo     `json:"serverInfo"`
+	ServerTime     string         `json:"serverTime"` // "2006-01-02 15:04:05", local time
+	ServerTimeTs   int64          `json:"serverTimeTs"`
+	ServerTimeZone string         `json:"serverTimeZone"`
+	AppIDs         []int64        `json:"appIds"`
+	DefaultAddress defaultAddress `json:"defaultAddress"`
+
+	ServerID  string          `json:"serverId"`
+	Version   string          `json:"version"`
+	Control   coord.Endpoint  `json:"control"`
+	Protocols coord.Protocols `json:"protocols"`
+	Owned     []ownedApp      `json:"owned"`
+	Lease     leaseState      `json:"lease"`
+	Healthy   bool            `json:"healthy"`
+	Health    string          `json:"health,omitempty"`
+}
+
+// serverInfo is PowerJob's ServerInfo; Id is baton's server id (PowerJob's
+// is a number).
+type serverInfo struct {
+	ID       string `json:"id"`
+	IP       string `json:"ip"`
+	BornTime int64  `json:"bornTime"` // Unix ms, when the node started
+	Version  string `json:"version"`
+}
+
+// defaultAddress is PowerJob's ProtocolInfo of the default protocol: HTTP
+// when the node offers it, else the first name in order.
+type defaultAddress struct {
+	Protocol        string `json:"protocol"`
+	Address         string `json:"address"`
+	ExternalAddress string `json:"externalAddress,omitempty"`
 }
 
 type ownedApp struct {
@@ -189,28 +245,45 @@ type leaseState struct {
 func (n *Node) handleHello(w http.ResponseWriter, _ *http.Request, run *running) {
 	ep := run.session.Epoch()
 	now := time.Now()
+	zone, _ := now.Zone()
+	host, _, _ := net.SplitHostPort(run.control.Address)
 	h := hello{
-		ServerID:  n.cfg.ServerID,
-		Version:   Version,
-		Protocols: run.protocols,
-		Owned:     []ownedApp{},
+		LocalHost:      host,
+		ServerInfo:     serverInfo{ID: n.cfg.ServerID, IP: host, BornTime: run.started.UnixMilli(), Version: Version},
+		ServerTime:     now.Format(time.DateTime),
+		ServerTimeTs:   now.UnixMilli(),
+		ServerTimeZone: zone,
+		AppIDs:         []int64{},
+		DefaultAddress: defaultProtocol(run.protocols),
+		ServerID:       n.cfg.ServerID,
+		Version:        Version,
+		Control:        run.control,
+		Protocols:      run.protocols,
+		Owned:          []ownedApp{},
 		Lease: leaseState{
 			ID:             strconv.FormatInt(int64(run.session.Lease()), 16),
 			TTLMillis:      run.session.TTL().Milliseconds(),
 			Confirmed:      ep.Check() == nil,
 			ConfirmedUntil: ep.Deadline().UTC(),
 		},
-		Healthy:      true,
-		ServerTime:   now.UTC().Format(time.RFC3339Nano),
-		ServerTimeTs: now.UnixMilli(),
+		Healthy: true,
 	}
 	for _, o := range run.elector.Owned() {
+		h.AppIDs = append(h.AppIDs, o.App)
 		h.Owned = append(h.Owned, ownedApp{AppID: o.App, Token: o.Token, Since: o.Since.UTC()})
 	}
 	if err := run.elector.Healthy(); err != nil {
 		h.Healthy, h.Health = false, err.Error()
 	}
 	ok(w, h)
+}
+
+func defaultProtocol(p coord.Protocols) defaultAddress {
+	name := coord.ProtocolHTTP
+	if _, ok := p[name]; !ok {
+		name = slices.Sorted(maps.Keys(p))[0] // Protocols are never empty
+	}
+	return defaultAddress{Protocol: name, Address: p[name].Address, ExternalAddress: p[name].ExternalAddress}
 }
 
 // handleCheckConnectivity tells a worker whether this server can open a

@@ -60,13 +60,21 @@ func (n *Node) measured(next http.Handler) http.Handler {
 		}
 		start := time.Now()
 		sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
+		code := ""
+		defer func() {
+			if v := recover(); v != nil {
+				code = "aborted" // the connection is dropped without an answer
+				defer panic(v)
+			}
+			path := r.Pattern
+			if path == "" || path == "/" {
+				path = "other"
+			}
+			run.metrics.requests.WithLabelValues(path, code).Inc()
+			run.metrics.duration.WithLabelValues(path).Observe(time.Since(start).Seconds())
+		}()
 		next.ServeHTTP(sw, r)
-		path := r.Pattern
-		if path == "" || path == "/" {
-			path = "other"
-		}
-		run.metrics.requests.WithLabelValues(path, strconv.Itoa(sw.code)).Inc()
-		run.metrics.duration.WithLabelValues(path).Observe(time.Since(start).Seconds())
+		code = strconv.Itoa(sw.code)
 	})
 }
 

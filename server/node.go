@@ -31,6 +31,7 @@ type Node struct {
 	cfg      Config
 	keys     keyspace.Keys
 	registry *coord.Registry
+	apps     *appCache
 	logger   hclog.Logger
 	handler  http.Handler
 	run      atomic.Pointer[running] // set once Start succeeded
@@ -55,6 +56,8 @@ type drainResult struct {
 
 // running is what Start built; handlers read it without locks.
 type running struct {
+	started   time.Time
+	control   coord.Endpoint
 	protocols coord.Protocols
 	session   *coord.Session
 	elector   *election.Elector
@@ -77,6 +80,7 @@ func NewNode(cfg Config) (*Node, error) {
 		cfg:      cfg,
 		keys:     keys,
 		registry: registry,
+		apps:     newAppCache(),
 		logger:   cfg.Logger.Named("server").With("server_id", cfg.ServerID),
 	}
 	n.handler = n.routes()
@@ -119,29 +123,32 @@ func (n *Node) Start(ctx context.Context) error {
 			}
 		}()
 	}
-	n.logger.Info("started", "http", r.protocols[coord.ProtocolHTTP].Address, "ttl", r.session.TTL())
+	n.logger.Info("started", "control", r.control.Address, "protocols", r.protocols, "ttl", r.session.TTL())
 	return nil
 }
 
 func (n *Node) start(ctx context.Context) (*running, error) {
-	r := &running{protocols: maps.Clone(n.cfg.Protocols)}
-	if r.protocols == nil {
-		r.protocols = coord.Protocols{}
-	}
+	r := &running{started: time.Now(), control: n.cfg.Control, protocols: maps.Clone(n.cfg.Protocols)}
 	var err error
 	if n.cfg.Listen != "" {
 		if r.listener, err = net.Listen("tcp", n.cfg.Listen); err != nil {
 			return r, fmt.Errorf("server: listen on %s: %w", n.cfg.Listen, err)
 		}
-		if _, ok := r.protocols[coord.ProtocolHTTP]; !ok {
-			r.protocols[coord.ProtocolHTTP] = coord.Endpoint{Address: dialable(r.listener.Addr())}
+		if r.control.Address == "" {
+			r.control.Address = dialable(r.listener.Addr())
 		}
+	}
+	if len(r.protocols) == 0 {
+		// The scheduler receives its workers' HTTP traffic where baton's
+		// endpoints answer (it mounts Handler in its own server).
+		r.protocols = coord.Protocols{coord.ProtocolHTTP: r.control}
 	}
 	if err := r.protocols.Validate(); err != nil {
 		return r, fmt.Errorf("server: %w: Protocols: %v", ErrInvalidConfig, err)
 	}
 	register, err := coord.MembershipOnLease(n.cfg.Client, n.cfg.Prefix, coord.ServerRecord{
 		ServerID:  n.cfg.ServerID,
+		Control:   r.control,
 		Protocols: r.protocols,
 		StartedAt: time.Now().UTC(),
 		Software:  Version,
@@ -169,6 +176,7 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 	}
 	ecfg := election.Config{
 		ServerID:   n.cfg.ServerID,
+		Control:    r.control,
 		Protocols:  r.protocols,
 		Tuning:     n.cfg.Election,
 		Pinger:     HTTPPinger{},
@@ -178,6 +186,12 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 	}
 	if r.elector, err = election.New(ctx, r.session, ecfg); err != nil {
 		return r, err
+	}
+	if err := n.apps.load(ctx, n.registry); err != nil {
+		if !errors.Is(err, coord.ErrCorruptRecord) {
+			return r, fmt.Errorf("server: load the app registry: %w", err)
+		}
+		n.logger.Warn("some app records cannot be decoded; assert will not find those apps", "error", err)
 	}
 	if r.listener != nil {
 		t := n.cfg.HTTPTimeouts
@@ -227,17 +241,25 @@ func dialable(a net.Addr) string {
 // instead of (or as well as) listening with Listen.
 func (n *Node) Handler() http.Handler { return n.handler }
 
-// Addr returns the HTTP address workers are given ("" before Start).
+// Addr returns the node's control address as workers use it (its
+// ExternalAddress when set): where baton's endpoints answer, the address
+// to list in workers' server lists ("" before Start).
 func (n *Node) Addr() string {
 	r := n.run.Load()
 	if r == nil {
 		return ""
 	}
-	ep := r.protocols[coord.ProtocolHTTP]
-	if ep.ExternalAddress != "" {
-		return ep.ExternalAddress
+	return r.control.ForWorkers()
+}
+
+// Protocols returns the node's transport addresses, one per protocol: what
+// a worker's acquire is answered with (nil before Start).
+func (n *Node) Protocols() coord.Protocols {
+	r := n.run.Load()
+	if r == nil {
+		return nil
 	}
-	return ep.Address
+	return maps.Clone(r.protocols)
 }
 
 // ID returns the server id.

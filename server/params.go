@@ -3,8 +3,10 @@ package server
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"net/url"
 	"strconv"
+	"strings"
 
 	"github.com/batonhq/baton/coord"
 )
@@ -35,7 +37,12 @@ func appIDParam(q url.Values) (int64, error) {
 	return id, nil
 }
 
+// protocolParam is the transport protocol a worker asks for; a PowerJob
+// server takes a missing one as AKKA, its workers' default.
 func protocolParam(q url.Values) (string, error) {
+	if len(q["protocol"]) == 0 {
+		return coord.ProtocolAKKA, nil
+	}
 	p, err := single(q, "protocol")
 	if err != nil {
 		return "", err
@@ -55,24 +62,39 @@ func hostPortParam(q url.Values, name string) (string, error) {
 	if len(vs) > 1 {
 		return "", fmt.Errorf("%s is given %d times", name, len(vs))
 	}
-	if err := validHostPort(vs[0]); err != nil {
+	hp, err := parseHostPort(vs[0])
+	if err != nil {
 		return "", fmt.Errorf("%s %q: %v", name, truncate(vs[0]), err)
 	}
-	return vs[0], nil
+	return hp, nil
 }
 
 func validHostPort(s string) error {
+	_, err := parseHostPort(s)
+	return err
+}
+
+// parseHostPort splits host:port, accepting besides the usual forms an
+// IPv6 address without brackets ("fe80::1:10010"), as PowerJob writes
+// them: the port is what follows the last colon. It returns the address
+// in its canonical form.
+func parseHostPort(s string) (string, error) {
 	host, port, err := net.SplitHostPort(s)
 	if err != nil {
-		return err
+		i := strings.LastIndexByte(s, ':')
+		ip, perr := netip.ParseAddr(s[:max(i, 0)])
+		if i < 0 || perr != nil || !ip.Is6() {
+			return "", err
+		}
+		host, port = ip.String(), s[i+1:]
 	}
 	if host == "" || len(host) > 253 {
-		return fmt.Errorf("bad host")
+		return "", fmt.Errorf("bad host")
 	}
 	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
-		return fmt.Errorf("bad port")
+		return "", fmt.Errorf("bad port")
 	}
-	return nil
+	return net.JoinHostPort(host, port), nil
 }
 
 // single returns the one value of a required parameter.

@@ -21,6 +21,7 @@ func putOwner(t testing.TB, cli *clientv3.Client, app int64, serverID, addr stri
 	keys, _ := keyspace.New("")
 	rec, err := coord.OwnerRecord{
 		ServerID:   serverID,
+		Control:    coord.Endpoint{Address: addr},
 		Protocols:  coord.Protocols{coord.ProtocolHTTP: {Address: addr}},
 		TTLMillis:  1000,
 		AcquiredAt: time.Now(),

@@ -41,11 +41,12 @@ func (realClock) After(d time.Duration) <-chan time.Time { return time.After(d) 
 type Config struct {
 	// AppName is the app this worker belongs to. Required.
 	AppName string
-	// Servers are HTTP host:port addresses of scheduler servers, asked
-	// when etcd cannot tell. May be empty only when Client is set.
+	// Servers are the control addresses (host:port, PowerJob's web port)
+	// of scheduler servers, asked over HTTP when etcd cannot tell. May be
+	// empty only when Client is set.
 	Servers []string
-	// Protocol is the protocol whose address the worker wants. Default
-	// "HTTP".
+	// Protocol is the transport protocol whose address the worker wants
+	// ("HTTP", "AKKA", or any name the servers offer). Default "HTTP".
 	Protocol string
 	// Client, if set, is used to resolve the app and to watch its owner
 	// key; the worker never closes it. Nil means PowerJob's polling only.

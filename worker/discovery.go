@@ -19,7 +19,8 @@ import (
 
 // Server is the scheduler server a worker should talk to.
 type Server struct {
-	// Address is the server's host:port for the configured protocol.
+	// Address is the server's transport address (host:port) for the
+	// configured protocol: where the worker sends its traffic.
 	Address string
 	// ServerID and Token (the ownership's fencing token) are known when
 	// the server was learned from etcd; from HTTP they are empty.
@@ -221,11 +222,7 @@ func (d *Discovery) serverFromRecord(rec coord.OwnerRecord, token int64) (Server
 	if !ok {
 		return Server{}, false
 	}
-	addr := ep.Address
-	if ep.ExternalAddress != "" {
-		addr = ep.ExternalAddress
-	}
-	return Server{Address: addr, ServerID: rec.ServerID, Token: token}, true
+	return Server{Address: ep.ForWorkers(), ServerID: rec.ServerID, Token: token}, true
 }
 
 // ownerKeyRead is one read of the app's owner key.

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"net"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -17,7 +18,8 @@ type roundInput struct {
 
 // round asks servers for the app's owner, in order: with etcd, the live
 // servers ranked for the app (its successor first, the owner that left
-// excluded); without, the current server; then the configured servers.
+// excluded); without, the current server (see currentControl); then the
+// configured servers.
 // It resolves the app first if that is still to do. Its caller counts it
 // (rounds_total), once it has acted on the result.
 func (d *Discovery) round(ctx context.Context, in roundInput) (Server, bool) {
@@ -52,7 +54,7 @@ func (d *Discovery) candidates(ctx context.Context, in roundInput) []string {
 			add(a)
 		}
 	} else {
-		add(in.current.Address)
+		add(d.currentControl(in.current.Address))
 	}
 	for _, s := range d.servers {
 		add(s)
@@ -60,7 +62,24 @@ func (d *Discovery) candidates(ctx context.Context, in roundInput) []string {
 	return out
 }
 
-// rankedServers lists the live servers' HTTP addresses in the app's
+// currentControl is where to ask the current server, known only by its
+// transport address: as a PowerJob worker does, the configured server on
+// the same host; failing that the transport address itself, which is
+// right when the server's transport is its control address (the default).
+func (d *Discovery) currentControl(current string) string {
+	host, _, err := net.SplitHostPort(current)
+	if err != nil {
+		return current
+	}
+	for _, s := range d.servers {
+		if h, _, err := net.SplitHostPort(s); err == nil && h == host {
+			return s
+		}
+	}
+	return current
+}
+
+// rankedServers lists the live servers' control addresses in the app's
 // successor order, without exclude.
 func (d *Discovery) rankedServers(ctx context.Context, exclude string) []string {
 	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
@@ -76,12 +95,7 @@ func (d *Discovery) rankedServers(ctx context.Context, exclude string) []string 
 		if err != nil || rec.ServerID == exclude {
 			continue
 		}
-		ep := rec.Protocols[coord.ProtocolHTTP]
-		addr := ep.Address
-		if ep.ExternalAddress != "" {
-			addr = ep.ExternalAddress
-		}
-		byID[rec.ServerID] = addr
+		byID[rec.ServerID] = rec.Control.ForWorkers()
 		ids = append(ids, rec.ServerID)
 	}
 	var out []string

@@ -66,7 +66,7 @@ func run(endpoints string) error {
 	acquired := make(chan string, 1)
 	cfg := server.DefaultConfig()
 	cfg.Client, cfg.Logger = cli, logger
-	cfg.Protocols = coord.Protocols{coord.ProtocolHTTP: {Address: ln.Addr().String()}}
+	cfg.Control = coord.Endpoint{Address: ln.Addr().String()}
 	cfg.Callbacks.OnAcquire = func(ctx context.Context, app, token int64) {
 		acquired <- fmt.Sprintf("scheduling app %d (token %d)", app, token)
 		// start the app's jobs here, in goroutines that stop with ctx
