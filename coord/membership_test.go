@@ -19,8 +19,8 @@ func serverSession(t *testing.T, ctx context.Context, cli *clientv3.Client, id s
 	t.Helper()
 	keys, _ := keyspace.New("")
 	register, err := coord.MembershipOnLease(cli, keys.Prefix(), coord.ServerRecord{
-		ServerID:  id,
-		Control: coord.Endpoint{Address: id + ":7700"}, Protocols: coord.Protocols{coord.ProtocolHTTP: {Address: id + ":10010"}},
+		ServerID: id,
+		Control:  coord.Endpoint{Address: id + ":7700"}, Protocols: coord.Protocols{coord.ProtocolHTTP: {Address: id + ":10010"}},
 		StartedAt: time.Now(),
 	})
 	if err != nil {
