@@ -64,7 +64,7 @@ func Example() {
 		fmt.Println(err)
 		return
 	}
-	fmt.Println("orders is served at", addr)
+	fmt.Println("workers of orders send their HTTP traffic to", addr)
 
 	<-acting // in a real scheduler: the app's work runs from OnAcquire
 	fence, err := elector.Fence(app.ID)
@@ -79,6 +79,6 @@ func Example() {
 	}
 	fmt.Println("fenced write applied:", resp.Succeeded)
 	// Output:
-	// orders is served at 10.0.0.21:7700
+	// workers of orders send their HTTP traffic to 10.0.0.21:10010
 	// fenced write applied: true
 }

@@ -229,7 +229,8 @@ func TestConfigValidationNamesTheField(t *testing.T) {
 		want string
 	}{
 		{election.Config{}, "ServerID"},
-		{election.Config{ServerID: "x"}, "Protocols"},
+		{election.Config{ServerID: "x"}, "Control.Address"},
+		{election.Config{ServerID: "x", Control: coord.Endpoint{Address: "h:1"}}, "Protocols"},
 		{election.Config{ServerID: "x", Control: coord.Endpoint{Address: "h:1"}, Protocols: coord.Protocols{"HTTP": {Address: "h:1"}}, Tuning: election.Tuning{LockTimeout: -time.Second}}, "LockTimeout (-1s)"},
 		{election.Config{ServerID: "x", Control: coord.Endpoint{Address: "h:1"}, Protocols: coord.Protocols{"HTTP": {Address: "h:1"}}, Tuning: election.Tuning{RetryTimes: -1}}, "RetryTimes (-1)"},
 	} {

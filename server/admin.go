@@ -53,6 +53,7 @@ func (n *Node) handleRegister(w http.ResponseWriter, r *http.Request, _ *running
 		failed(w, err.Error())
 		return
 	}
+	n.apps.add(app)
 	ok(w, appInfo{AppID: app.ID, AppName: app.Name})
 }
 

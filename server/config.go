@@ -58,6 +58,18 @@ type Config struct {
 	// Callbacks are this server's ownership callbacks (see
 	// election.Callbacks).
 	Callbacks election.Callbacks
+	// CheckOfferedAddresses lets /server/checkConnectivity check any
+	// address a worker offers, as PowerJob's server does, instead of only
+	// the requester's own IP (the default). PowerJob workers offer every
+	// address of their host and bind to the first the server reaches; with
+	// the default, a worker that reaches the server through another
+	// interface, a NAT or loopback never gets a yes and falls back to its
+	// default address. What it exposes: anyone who can call the node can
+	// make it open TCP connections to any host and port it can reach (at
+	// most 20 a second per node, 1 s to connect, 2 s for the answer),
+	// though it learns only whether a PowerJob worker answered "pong"
+	// there.
+	CheckOfferedAddresses bool
 	// AdminToken enables the admin routes under /admin/ for requests that
 	// carry "Authorization: Bearer <AdminToken>". Empty: the routes answer
 	// 404.

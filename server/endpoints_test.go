@@ -3,7 +3,6 @@ package server_test
 import (
 	"context"
 	"encoding/json"
-	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -140,36 +139,5 @@ func TestPingHelloAndMethods(t *testing.T) {
 	}
 	if r := w.do(http.MethodPost, n.Addr(), "/server/acquire", nil, nil); r.status != http.StatusMethodNotAllowed {
 		t.Errorf("POST /server/acquire: %d", r.status)
-	}
-}
-
-func TestCheckConnectivityDialsOnlyTheCaller(t *testing.T) {
-	e := testutil.Etcd(t, 1)
-	n := startNode(t, e, "s1")
-	w := newWorker(t)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
-	r := w.get(n.Addr(), "/server/checkConnectivity", url.Values{"targetIp": {"127.0.0.1"}, "targetPort": {port}})
-	if !r.success || string(r.data) != "true" {
-		t.Fatalf("own address, listening: %v %s", r.success, r.data)
-	}
-	l.Close()
-	r = w.get(n.Addr(), "/server/checkConnectivity", url.Values{"targetIp": {"127.0.0.1"}, "targetPort": {port}})
-	if !r.success || string(r.data) != "false" {
-		t.Fatalf("own address, closed: %v %s", r.success, r.data)
-	}
-	for _, ip := range []string{"10.0.0.1", "127.0.0.2", "::1"} {
-		r = w.get(n.Addr(), "/server/checkConnectivity", url.Values{"targetIp": {ip}, "targetPort": {"22"}})
-		if r.status != 200 || r.success {
-			t.Errorf("target %s: %d %v, want refusal", ip, r.status, r.success)
-		}
-	}
-	for _, q := range []url.Values{{"targetIp": {"nope"}, "targetPort": {"22"}}, {"targetIp": {"127.0.0.1"}, "targetPort": {"0"}}, {"targetIp": {"127.0.0.1"}}} {
-		if r := w.get(n.Addr(), "/server/checkConnectivity", q); r.status != 400 {
-			t.Errorf("%v: %d, want 400", q, r.status)
-		}
 	}
 }

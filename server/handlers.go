@@ -7,7 +7,6 @@ import (
 	"maps"
 	"net"
 	"net/http"
-	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -284,46 +283,4 @@ func defaultProtocol(p coord.Protocols) defaultAddress {
 		name = slices.Sorted(maps.Keys(p))[0] // Protocols are never empty
 	}
 	return defaultAddress{Protocol: name, Address: p[name].Address, ExternalAddress: p[name].ExternalAddress}
-}
-
-// handleCheckConnectivity tells a worker whether this server can open a
-// TCP connection back to it. It dials only the requester's own IP, so the
-// server cannot be used to probe anything else; behind a reverse proxy the
-// requester is the proxy, and other targets are refused.
-func (n *Node) handleCheckConnectivity(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
-	ipStr, err := single(q, "targetIp")
-	if err != nil {
-		badRequest(w, err.Error())
-		return
-	}
-	portStr, err := single(q, "targetPort")
-	if err != nil {
-		badRequest(w, err.Error())
-		return
-	}
-	target, err := netip.ParseAddr(ipStr)
-	if err != nil {
-		badRequest(w, fmt.Sprintf("targetIp %q is not an IP address", truncate(ipStr)))
-		return
-	}
-	port, err := strconv.Atoi(portStr)
-	if err != nil || port < 1 || port > 65535 {
-		badRequest(w, fmt.Sprintf("targetPort %q is not a port", truncate(portStr)))
-		return
-	}
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	caller, perr := netip.ParseAddr(host)
-	if err != nil || perr != nil || caller.Unmap() != target.Unmap() {
-		failed(w, "checkConnectivity only dials the caller's own address")
-		return
-	}
-	d := net.Dialer{Timeout: time.Second}
-	conn, err := d.DialContext(r.Context(), "tcp", net.JoinHostPort(target.String(), strconv.Itoa(port)))
-	if err != nil {
-		ok(w, false)
-		return
-	}
-	conn.Close()
-	ok(w, true)
 }

@@ -32,6 +32,7 @@ type Node struct {
 	keys     keyspace.Keys
 	registry *coord.Registry
 	apps     *appCache
+	checks   *rateLimit // connectivity checks
 	logger   hclog.Logger
 	handler  http.Handler
 	run      atomic.Pointer[running] // set once Start succeeded
@@ -81,6 +82,7 @@ func NewNode(cfg Config) (*Node, error) {
 		keys:     keys,
 		registry: registry,
 		apps:     newAppCache(),
+		checks:   newRateLimit(connectivityRate),
 		logger:   cfg.Logger.Named("server").With("server_id", cfg.ServerID),
 	}
 	n.handler = n.routes()

@@ -36,9 +36,10 @@ import (
 func main() {
 	var (
 		etcd        = flag.String("etcd", "127.0.0.1:2379", "comma-separated etcd endpoints")
-		listen      = flag.String("listen", "127.0.0.1:7700", "HTTP listen address")
-		advertise   = flag.String("advertise", "", "HTTP address other servers (and workers, without -external) use (default: from -listen)")
-		external    = flag.String("external", "", "HTTP address workers use, when it differs from -advertise (NAT)")
+		listen      = flag.String("listen", "127.0.0.1:7700", "listen address of baton's endpoints (PowerJob's web port: /server/*, /friend/*)")
+		advertise   = flag.String("advertise", "", "control address other servers (and workers, without -external) use (default: from -listen)")
+		external    = flag.String("external", "", "control address workers use, when it differs from -advertise (NAT)")
+		transports  = flag.String("transport", "", "where the scheduler receives its workers' traffic, per protocol: NAME=ADDR[/EXTERNAL],... such as HTTP=10.0.0.5:10010,AKKA=10.0.0.5:10086 (default: HTTP at the control address)")
 		id          = flag.String("id", "", "server id (default: hostname-random)")
 		ttl         = flag.Duration("ttl", 5*time.Second, "lease TTL, whole seconds")
 		prefix      = flag.String("prefix", coord.DefaultPrefix, "etcd key prefix")
@@ -51,7 +52,8 @@ func main() {
 	)
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), `node runs one baton scheduler server: it registers in etcd, answers
-PowerJob's worker endpoints on -listen, and prints every ownership change
+PowerJob's worker endpoints on -listen (sending workers to the
+-transport addresses), and prints every ownership change
 as a JSON line on stdout. SIGINT or SIGTERM drains it and exits.
 
 Usage: node [flags]
@@ -68,8 +70,13 @@ Usage: node [flags]
 	if *external != "" && *advertise == "" {
 		*advertise = *listen
 	}
-	err := withEtcd(logger, *embed, strings.Split(*etcd, ","), func(endpoints []string) error {
-		return run(logger, endpoints, *metrics, *listen, *advertise, *external, *id, *ttl, *pingTimeout, *prefix, *apps, *adminToken)
+	protocols, err := parseTransports(*transports)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "node: -transport:", err)
+		os.Exit(2)
+	}
+	err = withEtcd(logger, *embed, strings.Split(*etcd, ","), func(endpoints []string) error {
+		return run(logger, endpoints, *metrics, *listen, *advertise, *external, protocols, *id, *ttl, *pingTimeout, *prefix, *apps, *adminToken)
 	})
 	if err != nil {
 		logger.Error("node failed", "error", err)
@@ -119,7 +126,33 @@ func emit(e event) {
 	_ = out.Encode(e)
 }
 
-func run(logger hclog.Logger, endpoints []string, metricsAddr, listen, advertise, external, id string, ttl, pingTimeout time.Duration, prefix, apps, adminToken string) error {
+// parseTransports reads -transport: NAME=ADDR[/EXTERNAL] entries,
+// comma-separated.
+func parseTransports(s string) (coord.Protocols, error) {
+	if s == "" {
+		return nil, nil
+	}
+	out := coord.Protocols{}
+	for _, entry := range strings.Split(s, ",") {
+		name, addrs, ok := strings.Cut(entry, "=")
+		if !ok || name == "" || addrs == "" {
+			return nil, fmt.Errorf("%q is not NAME=ADDR[/EXTERNAL]", entry)
+		}
+		if _, dup := out[name]; dup {
+			return nil, fmt.Errorf("protocol %s is given twice", name)
+		}
+		addr, ext, _ := strings.Cut(addrs, "/")
+		for _, a := range []string{addr, ext} {
+			if _, _, err := net.SplitHostPort(a); a != "" && err != nil {
+				return nil, fmt.Errorf("%s: %q is not host:port", name, a)
+			}
+		}
+		out[name] = coord.Endpoint{Address: addr, ExternalAddress: ext}
+	}
+	return out, out.Validate()
+}
+
+func run(logger hclog.Logger, endpoints []string, metricsAddr, listen, advertise, external string, protocols coord.Protocols, id string, ttl, pingTimeout time.Duration, prefix, apps, adminToken string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -151,8 +184,9 @@ func run(logger hclog.Logger, endpoints []string, metricsAddr, listen, advertise
 		cfg.Election.PingTimeout = pingTimeout
 	}
 	if advertise != "" {
-		cfg.Protocols = coord.Protocols{coord.ProtocolHTTP: {Address: advertise, ExternalAddress: external}}
+		cfg.Control = coord.Endpoint{Address: advertise, ExternalAddress: external}
 	}
+	cfg.Protocols = protocols
 	var node *server.Node
 	var ends sync.WaitGroup
 	var acquisitions atomic.Int64

@@ -5,13 +5,25 @@
 // server, a write that the old owner still attempts — a stale timer, a
 // paused goroutine — is rejected by etcd.
 //
+// Each scheduler also has its own transport listener, where its workers
+// send their traffic (PowerJob's heartbeats): baton answers a worker's
+// /server/acquire with the owner's transport address, not with the address
+// of baton's endpoints. A worker replayed here, as a PowerJob worker
+// speaking the HTTP protocol, finds its heartbeats received by whichever
+// scheduler owns its app.
+//
 //	go run ./examples/scheduler
 package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
+	"strings"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -66,8 +78,13 @@ func run() error {
 	cli := etcd.Client()
 
 	start := func(id string) (*server.Node, error) {
+		transport, err := listenTransport(id)
+		if err != nil {
+			return nil, err
+		}
 		cfg := server.DefaultConfig()
 		cfg.Client, cfg.Prefix, cfg.ServerID, cfg.Listen, cfg.TTL = cli, prefix, id, "127.0.0.1:0", 2*time.Second
+		cfg.Protocols = coord.Protocols{coord.ProtocolHTTP: {Address: transport}}
 		var node *server.Node
 		cfg.Callbacks = election.Callbacks{
 			OnAcquire: func(ctx context.Context, app, token int64) {
@@ -103,6 +120,11 @@ func run() error {
 		return err
 	}
 	fmt.Println("sched-a elected; its loop runs for a while")
+	// A PowerJob worker of the app asks sched-b (first in its list) where
+	// to go, then sends its heartbeat there.
+	if err := workerTick(b.Addr(), app.ID); err != nil {
+		return err
+	}
 	time.Sleep(700 * time.Millisecond)
 
 	// Keep a's fence as a stale goroutine would, then move the app.
@@ -116,6 +138,9 @@ func run() error {
 	}
 	time.Sleep(700 * time.Millisecond)
 
+	if err := workerTick(b.Addr(), app.ID); err != nil {
+		return err
+	}
 	fmt.Println("sched-a, deposed, tries one more write with its old fence:")
 	resp, err := cli.Txn(ctx).If(staleFence).Then(clientv3.OpPut(fmt.Sprintf("%s/runs/%d", prefix, app.ID), "stale write from sched-a")).Commit()
 	if err != nil {
@@ -128,6 +153,62 @@ func run() error {
 	fmt.Printf("  write accepted: %v; last recorded run: %q\n", resp.Succeeded, last.Kvs[0].Value)
 	if resp.Succeeded {
 		return fmt.Errorf("a deposed owner's fenced write was accepted")
+	}
+	return nil
+}
+
+// listenTransport starts the scheduler's own transport listener, which
+// receives its workers' heartbeats (PowerJob's HTTP protocol: POST
+// /server/workerHeartbeat with a JSON body), and returns its address.
+func listenTransport(id string) (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /server/workerHeartbeat", func(w http.ResponseWriter, r *http.Request) {
+		var hb struct {
+			WorkerAddress string `json:"workerAddress"`
+			AppID         int64  `json:"appId"`
+		}
+		if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&hb); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		fmt.Printf("  %s: heartbeat from worker %s of app %d on its transport %s\n", id, hb.WorkerAddress, hb.AppID, ln.Addr())
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"success":true}`)
+	})
+	go http.Serve(ln, mux) // lives as long as the example
+	return ln.Addr().String(), nil
+}
+
+// workerTick is what a PowerJob worker of app does every 10 s: ask a
+// server (the control address in its list) where the app's server is,
+// then send its heartbeat to the address it was given.
+func workerTick(server string, app int64) error {
+	resp, err := http.Get(fmt.Sprintf("http://%s/server/acquire?protocol=HTTP&appId=%d", server, app))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	var answer struct {
+		Success bool   `json:"success"`
+		Data    string `json:"data"`
+		Message string `json:"message"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&answer); err != nil || !answer.Success {
+		return fmt.Errorf("acquire: %v %s", err, answer.Message)
+	}
+	fmt.Printf("  worker: acquire at %s says the server is %s\n", server, answer.Data)
+	body := fmt.Sprintf(`{"workerAddress":"127.0.0.1:27777","appId":%d,"heartbeatTime":%d}`, app, time.Now().UnixMilli())
+	hb, err := http.Post("http://"+answer.Data+"/server/workerHeartbeat", "application/json", strings.NewReader(body))
+	if err != nil {
+		return err
+	}
+	hb.Body.Close()
+	if hb.StatusCode != http.StatusOK {
+		return fmt.Errorf("heartbeat to %s: %s", answer.Data, hb.Status)
 	}
 	return nil
 }
