@@ -27,7 +27,8 @@ import (
 func main() {
 	var (
 		etcd     = flag.String("etcd", "", "comma-separated etcd endpoints (optional: without, the worker polls like PowerJob's)")
-		servers  = flag.String("servers", "", "comma-separated server HTTP addresses")
+		servers  = flag.String("servers", "", "comma-separated control addresses of the servers (their -listen/-advertise)")
+		protocol = flag.String("protocol", coord.ProtocolHTTP, "transport protocol whose address the worker follows (HTTP, AKKA, ...)")
 		app      = flag.String("app", "", "app name")
 		interval = flag.Duration("interval", 10*time.Second, "polling interval")
 		prefix   = flag.String("prefix", coord.DefaultPrefix, "etcd key prefix")
@@ -50,7 +51,7 @@ Usage: worker -app NAME (-servers HOST:PORT,... | -etcd HOST:PORT,...) [flags]
 		os.Exit(2)
 	}
 	logger := hclog.New(&hclog.LoggerOptions{Name: *app, Level: hclog.LevelFromString(*logLevel), Output: os.Stderr})
-	if err := run(logger, *etcd, *servers, *app, *prefix, *interval, *lazy); err != nil {
+	if err := run(logger, *etcd, *servers, *app, *protocol, *prefix, *interval, *lazy); err != nil {
 		logger.Error("worker failed", "error", err)
 		os.Exit(1)
 	}
@@ -67,13 +68,14 @@ type line struct {
 	Time     time.Time `json:"time"`
 }
 
-func run(logger hclog.Logger, etcd, servers, app, prefix string, interval time.Duration, lazy bool) error {
+func run(logger hclog.Logger, etcd, servers, app, protocol, prefix string, interval time.Duration, lazy bool) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	out := json.NewEncoder(os.Stdout)
 
 	cfg := worker.DefaultConfig()
 	cfg.AppName, cfg.Prefix, cfg.Interval, cfg.Logger, cfg.AllowLazyConnect = app, prefix, interval, logger, lazy
+	cfg.Protocol = protocol
 	if servers != "" {
 		cfg.Servers = strings.Split(servers, ",")
 	}
