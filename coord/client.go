@@ -2,15 +2,19 @@ package coord
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
 	"net/url"
+	"os"
 	"sync"
 	"time"
 
 	"github.com/batonhq/baton/internal/zaplog"
 	"github.com/hashicorp/go-hclog"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
@@ -53,14 +57,23 @@ func ClientConfig(endpoints []string, logger hclog.Logger) clientv3.Config {
 	}
 }
 
-// Dial creates a client with ClientConfig and makes sure etcd answers a
-// linearizable read before ctx ends: clientv3.New does not block, so an
-// unreachable cluster would otherwise only show up at the first call.
-// When no endpoint accepts connections (nothing listens there, say) it
-// fails within about a second with the dial error, rather than waiting
-// for ctx. The caller owns the returned client and closes it.
+// Dial creates a plaintext, unauthenticated client with ClientConfig; see
+// DialConfig.
 func Dial(ctx context.Context, endpoints []string, logger hclog.Logger) (*clientv3.Client, error) {
-	cli, err := clientv3.New(ClientConfig(endpoints, logger))
+	return DialConfig(ctx, ClientConfig(endpoints, logger))
+}
+
+// DialConfig creates a client with cfg — typically ClientConfig's, with
+// TLS (see LoadTLS) and Username and Password set — and makes sure etcd
+// answers before ctx ends: clientv3.New does not block, so an unreachable
+// cluster would otherwise only show up at the first call. When no
+// endpoint accepts connections (nothing listens there, say) it fails
+// within about a second with the dial error, rather than waiting for ctx;
+// wrong credentials fail at once with etcd's error. The caller owns the
+// returned client and closes it.
+func DialConfig(ctx context.Context, cfg clientv3.Config) (*clientv3.Client, error) {
+	endpoints := cfg.Endpoints
+	cli, err := clientv3.New(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("coord: etcd client for %v: %w", endpoints, err)
 	}
@@ -124,10 +137,42 @@ func failIfUnreachable(probe context.Context, stop context.CancelCauseFunc, cli 
 }
 
 // Probe performs one count-only linearizable read; it returns nil when the
-// cluster has a leader and answered before ctx ended.
+// cluster has a leader and answered before ctx ended. A user whom etcd's
+// authentication does not let read the key read is answered all the same
+// (permission denied): that is a success here.
 func Probe(ctx context.Context, cli *clientv3.Client) error {
-	if _, err := cli.Get(clientv3.WithRequireLeader(ctx), "/", clientv3.WithCountOnly()); err != nil {
+	_, err := cli.Get(clientv3.WithRequireLeader(ctx), "/", clientv3.WithCountOnly())
+	if err != nil && !errors.Is(err, rpctypes.ErrPermissionDenied) {
 		return fmt.Errorf("coord: etcd at %v did not answer: %w", cli.Endpoints(), err)
 	}
 	return nil
+}
+
+// LoadTLS builds the TLS configuration of an etcd client from PEM files:
+// caFile is the CA that signed the members' certificates (empty: the
+// system's roots); certFile and keyFile, both or neither, are the
+// client's certificate, for clusters that require client certificates.
+func LoadTLS(caFile, certFile, keyFile string) (*tls.Config, error) {
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("coord: %w: CA file: %v", ErrInvalidConfig, err)
+		}
+		cfg.RootCAs = x509.NewCertPool()
+		if !cfg.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("coord: %w: CA file %s holds no PEM certificate", ErrInvalidConfig, caFile)
+		}
+	}
+	if (certFile == "") != (keyFile == "") {
+		return nil, fmt.Errorf("coord: %w: a client certificate needs both its cert file and its key file", ErrInvalidConfig)
+	}
+	if certFile != "" {
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("coord: %w: client certificate: %v", ErrInvalidConfig, err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	return cfg, nil
 }

@@ -11,6 +11,7 @@ package embedded
 
 import (
 	"context"
+	"crypto/tls"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -47,6 +48,20 @@ type Config struct {
 	// StartTimeout bounds how long Start waits for the cluster to elect a
 	// leader. Default 30 s.
 	StartTimeout time.Duration
+	// TLSCertFile and TLSKeyFile, if set, make the members serve clients
+	// over TLS only (https:// endpoints) with this certificate; with
+	// TLSClientCAFile set as well they require a client certificate
+	// signed by that CA. Peers talk plaintext on loopback. PEM files.
+	TLSCertFile, TLSKeyFile, TLSClientCAFile string
+	// ClientTLS is the TLS configuration of the cluster's own clients
+	// (Client, NewClient): it must trust the members' certificate and,
+	// with TLSClientCAFile, present a client certificate. Required with
+	// TLSCertFile.
+	ClientTLS *tls.Config
+	// RootPassword, if set, turns etcd's authentication on: Start creates
+	// the user root with this password and the root role, then enables
+	// auth. The cluster's own clients log in as root.
+	RootPassword string
 }
 
 // Etcd is an etcd cluster running inside this process on loopback ports.

@@ -6,6 +6,7 @@ package etcdcluster
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -53,6 +54,20 @@ type Config struct {
 	// StartTimeout bounds how long Start waits for the cluster to elect a
 	// leader. Default 30 s.
 	StartTimeout time.Duration
+	// TLSCertFile and TLSKeyFile, if set, make the members serve clients
+	// over TLS only (https:// endpoints) with this certificate; with
+	// TLSClientCAFile set as well they require a client certificate
+	// signed by that CA. Peers talk plaintext on loopback. PEM files.
+	TLSCertFile, TLSKeyFile, TLSClientCAFile string
+	// ClientTLS is the TLS configuration of the cluster's own clients
+	// (Client, NewClient): it must trust the members' certificate and,
+	// with TLSClientCAFile, present a client certificate. Required with
+	// TLSCertFile.
+	ClientTLS *tls.Config
+	// RootPassword, if set, turns etcd's authentication on: Start creates
+	// the user root with this password and the root role, then enables
+	// auth. The cluster's own clients log in as root.
+	RootPassword string
 }
 
 // Cluster is an etcd cluster running inside this process on loopback
@@ -102,6 +117,9 @@ func Start(cfg Config) (*Cluster, error) {
 	if cfg.StartTimeout == 0 {
 		cfg.StartTimeout = 30 * time.Second
 	}
+	if (cfg.TLSCertFile != "" || cfg.TLSKeyFile != "" || cfg.TLSClientCAFile != "") && (cfg.TLSCertFile == "" || cfg.TLSKeyFile == "" || cfg.ClientTLS == nil) {
+		return nil, fmt.Errorf("embedded etcd: %w: TLS needs Config.TLSCertFile, Config.TLSKeyFile and Config.ClientTLS", coord.ErrInvalidConfig)
+	}
 	e := &Cluster{cfg: cfg, logger: cfg.Logger}
 	if e.logger == nil {
 		e.logger = hclog.NewNullLogger()
@@ -130,12 +148,40 @@ func Start(cfg Config) (*Cluster, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.StartTimeout)
 	defer cancel()
+	if cfg.RootPassword != "" {
+		if err := e.enableAuth(ctx); err != nil {
+			e.Close()
+			return nil, err
+		}
+	}
 	e.client, err = e.NewClient(ctx)
 	if err != nil {
 		e.Close()
 		return nil, err
 	}
 	return e, nil
+}
+
+// enableAuth creates the root user and turns authentication on, through a
+// client of its own that has no credentials yet.
+func (e *Cluster) enableAuth(ctx context.Context) error {
+	cfg := coord.ClientConfig(e.Endpoints(), e.logger.Named("etcd-client"))
+	cfg.TLS = e.cfg.ClientTLS
+	cli, err := coord.DialConfig(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	if _, err := cli.UserAdd(ctx, "root", e.cfg.RootPassword); err != nil {
+		return fmt.Errorf("embedded etcd: add user root: %w", err)
+	}
+	if _, err := cli.UserGrantRole(ctx, "root", "root"); err != nil {
+		return fmt.Errorf("embedded etcd: grant root the root role: %w", err)
+	}
+	if _, err := cli.AuthEnable(ctx); err != nil {
+		return fmt.Errorf("embedded etcd: enable auth: %w", err)
+	}
+	return nil
 }
 
 func (e *Cluster) startAll() error {
@@ -149,7 +195,7 @@ func (e *Cluster) startAll() error {
 	for i := 0; i < e.cfg.Members; i++ {
 		m := &member{
 			name:      fmt.Sprintf("m%d", i),
-			clientURL: url.URL{Scheme: "http", Host: fmt.Sprintf("127.0.0.1:%d", ports[2*i])},
+			clientURL: url.URL{Scheme: e.clientScheme(), Host: fmt.Sprintf("127.0.0.1:%d", ports[2*i])},
 			peerURL:   url.URL{Scheme: "http", Host: fmt.Sprintf("127.0.0.1:%d", ports[2*i+1])},
 		}
 		m.dir = filepath.Join(e.dir, m.name)
@@ -174,6 +220,13 @@ func (e *Cluster) startAll() error {
 		}
 	}
 	return nil
+}
+
+func (e *Cluster) clientScheme() string {
+	if e.cfg.TLSCertFile != "" {
+		return "https"
+	}
+	return "http"
 }
 
 func (e *Cluster) startMembers(initialCluster string) error {
@@ -205,6 +258,10 @@ func (e *Cluster) startMember(m *member, initialCluster string) error {
 	c.ListenPeerUrls = []url.URL{m.peerURL}
 	c.AdvertisePeerUrls = []url.URL{m.peerURL}
 	c.InitialCluster = initialCluster
+	if e.cfg.TLSCertFile != "" {
+		c.ClientTLSInfo.CertFile, c.ClientTLSInfo.KeyFile = e.cfg.TLSCertFile, e.cfg.TLSKeyFile
+		c.ClientTLSInfo.TrustedCAFile, c.ClientTLSInfo.ClientCertAuth = e.cfg.TLSClientCAFile, e.cfg.TLSClientCAFile != ""
+	}
 	c.InitialClusterToken = "baton-embedded"
 	c.LogLevel = e.cfg.LogLevel
 	var min zapcore.Level
@@ -257,7 +314,12 @@ func (e *Cluster) NewClient(ctx context.Context, endpoints ...string) (*clientv3
 	if len(endpoints) == 0 {
 		endpoints = e.Endpoints()
 	}
-	return coord.Dial(ctx, endpoints, e.logger.Named("etcd-client"))
+	cfg := coord.ClientConfig(endpoints, e.logger.Named("etcd-client"))
+	cfg.TLS = e.cfg.ClientTLS
+	if e.cfg.RootPassword != "" {
+		cfg.Username, cfg.Password = "root", e.cfg.RootPassword
+	}
+	return coord.DialConfig(ctx, cfg)
 }
 
 // Stop stops member i (its data stays for Restart). With clients
