@@ -15,10 +15,12 @@ import (
 // speaks, as PowerJob's /friend/ping does. The server package supplies the
 // HTTP implementation.
 type Pinger interface {
-	// Ping returns the transport protocols of the server whose control
-	// address is address, or an error if it did not answer before ctx
-	// ended.
-	Ping(ctx context.Context, address string) (coord.Protocols, error)
+	// Ping returns the transport protocols of server serverID, whose
+	// control address is address. It fails if nothing answered before ctx
+	// ended, or if another server answered there (a process restarted on
+	// the address under another id): only serverID's own answer shows it
+	// alive.
+	Ping(ctx context.Context, serverID, address string) (coord.Protocols, error)
 }
 
 // Callbacks are called per app, in order, never concurrently for the same

@@ -37,19 +37,24 @@ const testPingTimeout = 200 * time.Millisecond
 type pinger struct {
 	mu    sync.Mutex
 	nodes map[string]coord.Protocols // address → protocols
+	ids   map[string]string          // address → server id
 	down  map[string]bool
 	asked map[string]int // pings per address
 }
 
-func (p *pinger) Ping(ctx context.Context, address string) (coord.Protocols, error) {
+func (p *pinger) Ping(ctx context.Context, serverID, address string) (coord.Protocols, error) {
 	p.mu.Lock()
 	protos, ok := p.nodes[address]
+	id := p.ids[address]
 	down := p.down[address]
 	p.asked[address]++
 	p.mu.Unlock()
 	if !ok || down {
 		<-ctx.Done() // an unreachable server times out
 		return nil, fmt.Errorf("ping %s: %w", address, ctx.Err())
+	}
+	if id != serverID {
+		return nil, fmt.Errorf("ping %s: answered by %s, not %s", address, id, serverID)
 	}
 	return protos, nil
 }
@@ -83,7 +88,7 @@ func newCluster(t testing.TB, etcdMembers int, ttl time.Duration) *cluster {
 	keys, _ := keyspace.New("")
 	return &cluster{
 		t: t, etcd: e, keys: keys, ttl: ttl,
-		pinger: &pinger{nodes: map[string]coord.Protocols{}, down: map[string]bool{}, asked: map[string]int{}},
+		pinger: &pinger{nodes: map[string]coord.Protocols{}, ids: map[string]string{}, down: map[string]bool{}, asked: map[string]int{}},
 		rec:    newRecorder(),
 	}
 }
@@ -129,6 +134,7 @@ func (c *cluster) addNode(id string, opts ...nodeOption) *node {
 	protos := coord.Protocols{coord.ProtocolHTTP: {Address: n.addr}}
 	c.pinger.mu.Lock()
 	c.pinger.nodes[n.addr] = protos
+	c.pinger.ids[n.addr] = id
 	c.pinger.mu.Unlock()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

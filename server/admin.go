@@ -41,7 +41,10 @@ func (n *Node) admin(h func(http.ResponseWriter, *http.Request, *running)) http.
 }
 
 func (n *Node) handleRegister(w http.ResponseWriter, r *http.Request, _ *running) {
-	name, err := appNameParam(r.URL.Query())
+	name, err := rawAppName(r.URL.RawQuery)
+	if err == nil {
+		err = coord.ValidateName(name)
+	}
 	if err != nil {
 		badRequest(w, err.Error())
 		return

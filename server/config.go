@@ -151,6 +151,16 @@ func (c Config) withDefaults() (Config, error) {
 			return c, fmt.Errorf("server: %w: Protocols: %v", ErrInvalidConfig, err)
 		}
 	}
+	for name, ep := range c.Protocols {
+		for _, a := range []string{ep.Address, ep.ExternalAddress} {
+			if err := validHostPort(a); a != "" && err != nil {
+				return c, fmt.Errorf("server: %w: Protocols[%q] address %q: %v", ErrInvalidConfig, name, a, err)
+			}
+		}
+	}
+	if err := validHostPort(c.Control.ExternalAddress); c.Control.ExternalAddress != "" && err != nil {
+		return c, fmt.Errorf("server: %w: Control.ExternalAddress (%q): %v", ErrInvalidConfig, c.Control.ExternalAddress, err)
+	}
 	d := DefaultHTTPTimeouts()
 	t := &c.HTTPTimeouts
 	for _, f := range []struct {

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -16,16 +17,16 @@ import (
 // Connectivity checks (/server/checkConnectivity, PowerJob 4.3.9 on): at
 // start a worker asks, for each of its addresses, whether the server can
 // reach it there, and binds to the first that works. The server opens a
-// TCP connection, writes "ping" and expects the line "pong" from the
-// worker's PingPongSocketServer within 2 s, as PowerJob's server does: a
+// TCP connection and expects the line "pong" from the worker's
+// PingPongSocketServer within 2 s, as PowerJob's server does: a
 // port that accepts but does not answer "pong" is not reachable, so the
 // check tells nothing about other services' open ports.
 const (
 	connectivityDialTimeout = time.Second
 	connectivityIOTimeout   = 2 * time.Second
-	// connectivityRate bounds the checks a node makes per second (with a
-	// burst of as many), whatever the callers: past it a check answers
-	// success:false and dials nothing.
+	// connectivityRate bounds the checks a node makes in any one second,
+	// whatever the callers: past it a check answers success:false and
+	// dials nothing.
 	connectivityRate = 20
 )
 
@@ -78,36 +79,35 @@ func pingPong(ctx context.Context, addr string) bool {
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(connectivityIOTimeout))
-	if _, err := conn.Write([]byte("ping")); err != nil {
-		return false
-	}
-	line, err := bufio.NewReaderSize(conn, 64).ReadString('\n')
-	if err != nil {
-		return false
-	}
+	// PowerJob's worker writes "pong" on accepting, without reading
+	// anything, then a line separator (some releases: none) and closes.
+	// PowerJob's server writes "ping" first; here the answer is read
+	// first, and "ping" sent only after it: a "ping" that reached the
+	// closed socket first would make the worker's host reset the
+	// connection, and the reset can discard the "pong" not yet read.
+	line, _ := bufio.NewReaderSize(io.LimitReader(conn, 64), 64).ReadString('\n')
+	conn.Write([]byte("ping"))
 	return strings.EqualFold(strings.TrimRight(line, "\r\n"), "pong")
 }
 
-// rateLimit is a token bucket: rate tokens a second, at most rate held.
+// rateLimit allows at most n events in any window of one second: it
+// remembers the last n it allowed.
 type rateLimit struct {
-	mu     sync.Mutex
-	rate   float64
-	tokens float64
-	last   time.Time
+	mu   sync.Mutex
+	last []time.Time // ring of the last n allowed events
+	next int
 }
 
-func newRateLimit(rate float64) *rateLimit { return &rateLimit{rate: rate, tokens: rate} }
+func newRateLimit(n int) *rateLimit { return &rateLimit{last: make([]time.Time, n)} }
 
 func (l *rateLimit) allow(now time.Time) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if !l.last.IsZero() {
-		l.tokens = min(l.rate, l.tokens+now.Sub(l.last).Seconds()*l.rate)
-	}
-	l.last = now
-	if l.tokens < 1 {
+	oldest := l.last[l.next]
+	if !oldest.IsZero() && now.Sub(oldest) < time.Second {
 		return false
 	}
-	l.tokens--
+	l.last[l.next] = now
+	l.next = (l.next + 1) % len(l.last)
 	return true
 }

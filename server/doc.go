@@ -58,7 +58,7 @@
 //	                   address: next server.                      or protocol: 200, success:false. No protocol
 //	                                                              means AKKA, as in PowerJob. currentServer
 //	                                                              may be an unbracketed IPv6 host:port.
-//	checkConnectivity  4.3.9 on, at start, for each of its        dials the target, writes "ping", expects
+//	checkConnectivity  4.3.9 on, at start, for each of its        dials the target and expects the line
 //	                   addresses: true picks that address.        "pong" within 2 s. Only the requester's own
 //	                                                              IP unless Config.CheckOfferedAddresses (see
 //	                                                              there for what that exposes); at most 20
@@ -69,6 +69,11 @@
 //	                                                              defaultAddress), then baton's.
 //	workerHeartbeat,   sent to the address acquire returned       not baton's: the scheduler's own transport
 //	reportInstance...  (POST for HTTP; AKKA messages)             listener receives them (examples/scheduler).
+//
+// A PowerJob worker puts appName into the URL unencoded: the node reads
+// "+" and ";" in it literally (not as a space and a separator), so any
+// registered name works except one holding "&" or "#", which a PowerJob
+// worker cannot send (baton's own worker encodes every name).
 //
 // # Differences from PowerJob
 //

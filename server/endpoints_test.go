@@ -111,10 +111,13 @@ func TestPingHelloAndMethods(t *testing.T) {
 
 	for _, method := range []string{http.MethodGet, http.MethodPost} {
 		r := w.do(method, n.Addr(), "/friend/ping", nil, nil)
-		var protos map[string]struct {
-			Address string `json:"address"`
+		var answer struct {
+			ServerID  string `json:"serverId"`
+			Protocols map[string]struct {
+				Address string `json:"address"`
+			} `json:"protocols"`
 		}
-		if err := json.Unmarshal(r.data, &protos); err != nil || !r.success || protos["HTTP"].Address != n.Addr() {
+		if err := json.Unmarshal(r.data, &answer); err != nil || !r.success || answer.ServerID != n.ID() || answer.Protocols["HTTP"].Address != n.Addr() {
 			t.Fatalf("%s /friend/ping: %v %s", method, r.success, r.data)
 		}
 	}

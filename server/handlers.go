@@ -123,8 +123,7 @@ func (n *Node) handleAssertV2(w http.ResponseWriter, r *http.Request, _ *running
 // it and stops). When etcd cannot tell within half the answer budget,
 // the connection is dropped so that the worker asks its next server.
 func (n *Node) lookupApp(w http.ResponseWriter, r *http.Request) (coord.AppRecord, bool) {
-	q := r.URL.Query()
-	name, err := single(q, "appName")
+	name, err := rawAppName(r.URL.RawQuery)
 	if err != nil {
 		badRequest(w, err.Error())
 		return coord.AppRecord{}, false
@@ -187,7 +186,7 @@ func (n *Node) handlePing(w http.ResponseWriter, _ *http.Request, run *running) 
 		writeResult(w, http.StatusServiceUnavailable, Result{Message: "server is draining or stopped"})
 		return
 	}
-	ok(w, run.protocols)
+	ok(w, pingAnswer{ServerID: n.cfg.ServerID, Protocols: run.protocols})
 }
 
 // hello is /server/hello's diagnostics: PowerJob's fields first, then

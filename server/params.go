@@ -14,15 +14,32 @@ import (
 // Request parameters are validated before anything reaches etcd; an error
 // here is a 400.
 
-func appNameParam(q url.Values) (string, error) {
-	name, err := single(q, "appName")
-	if err != nil {
-		return "", err
+// rawAppName reads appName from a raw query as a PowerJob worker sends
+// it: formatted into the URL unencoded (OkHttp then encodes only what a
+// URL cannot hold), so "+" is a plus and ";" is part of the name — not a
+// space and a separator, as form decoding (url.ParseQuery) would have
+// them. Names holding "&" or "#" cannot be sent by a PowerJob worker at
+// all.
+func rawAppName(rawQuery string) (string, error) {
+	var found []string
+	for _, pair := range strings.Split(rawQuery, "&") {
+		k, v, _ := strings.Cut(pair, "=")
+		if key, err := url.PathUnescape(k); err != nil || key != "appName" {
+			continue
+		}
+		name, err := url.PathUnescape(v)
+		if err != nil {
+			return "", fmt.Errorf("appName %q: %v", truncate(v), err)
+		}
+		found = append(found, name)
 	}
-	if err := coord.ValidateName(name); err != nil {
-		return "", fmt.Errorf("appName: %v", err)
+	switch {
+	case len(found) == 0 || found[0] == "":
+		return "", fmt.Errorf("appName is required")
+	case len(found) > 1:
+		return "", fmt.Errorf("appName is given %d times", len(found))
 	}
-	return name, nil
+	return found[0], nil
 }
 
 func appIDParam(q url.Values) (int64, error) {
@@ -47,7 +64,7 @@ func protocolParam(q url.Values) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if err := coord.ValidateName(p); err != nil || len(p) > 32 {
+	if err := coord.ValidateName(p); err != nil {
 		return "", fmt.Errorf("protocol %q is not a protocol name", truncate(p))
 	}
 	return p, nil

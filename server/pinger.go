@@ -17,8 +17,14 @@ type HTTPPinger struct {
 	Client *http.Client // nil means http.DefaultClient; ctx bounds each ping
 }
 
+// pingAnswer is /friend/ping's data: who answered and its transports.
+type pingAnswer struct {
+	ServerID  string          `json:"serverId"`
+	Protocols coord.Protocols `json:"protocols"`
+}
+
 // Ping implements election.Pinger.
-func (p HTTPPinger) Ping(ctx context.Context, address string) (coord.Protocols, error) {
+func (p HTTPPinger) Ping(ctx context.Context, serverID, address string) (coord.Protocols, error) {
 	if err := validHostPort(address); err != nil {
 		return nil, fmt.Errorf("server: ping %q: %w", address, err)
 	}
@@ -36,9 +42,9 @@ func (p HTTPPinger) Ping(ctx context.Context, address string) (coord.Protocols, 
 	}
 	defer resp.Body.Close()
 	var r struct {
-		Success bool            `json:"success"`
-		Data    coord.Protocols `json:"data"`
-		Message string          `json:"message"`
+		Success bool       `json:"success"`
+		Data    pingAnswer `json:"data"`
+		Message string     `json:"message"`
 	}
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&r); err != nil {
 		return nil, fmt.Errorf("server: ping %s: %w", address, err)
@@ -46,8 +52,11 @@ func (p HTTPPinger) Ping(ctx context.Context, address string) (coord.Protocols, 
 	if !r.Success {
 		return nil, fmt.Errorf("server: ping %s: %s", address, r.Message)
 	}
-	if err := r.Data.Validate(); err != nil {
+	if r.Data.ServerID != serverID {
+		return nil, fmt.Errorf("server: ping %s: answered by server %q, not %q", address, r.Data.ServerID, serverID)
+	}
+	if err := r.Data.Protocols.Validate(); err != nil {
 		return nil, fmt.Errorf("server: ping %s: %w", address, err)
 	}
-	return r.Data, nil
+	return r.Data.Protocols, nil
 }

@@ -47,6 +47,7 @@ type Discovery struct {
 	metrics  *metrics
 	servers  []string     // Config.Servers, shuffled once
 	ownHTTP  *http.Client // the HTTP client the Discovery made (no Config.HTTPClient), closed with it
+	controls sync.Map     // a server's transport address → its control address, from owner records
 
 	current atomic.Pointer[Server]
 	appID   atomic.Int64
@@ -222,6 +223,7 @@ func (d *Discovery) serverFromRecord(rec coord.OwnerRecord, token int64) (Server
 	if !ok {
 		return Server{}, false
 	}
+	d.controls.Store(ep.ForWorkers(), rec.Control.ForWorkers())
 	return Server{Address: ep.ForWorkers(), ServerID: rec.ServerID, Token: token}, true
 }
 

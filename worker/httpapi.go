@@ -40,7 +40,10 @@ var errRefused = errors.New("worker: server refused")
 func (a *httpAPI) get(ctx context.Context, server, path string, q url.Values, out any) error {
 	ctx, cancel := context.WithTimeout(ctx, a.timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+server+path+"?"+q.Encode(), nil)
+	// Spaces as %20, not "+": the server reads "+" as a plus, as PowerJob
+	// workers send app names unencoded.
+	query := strings.ReplaceAll(q.Encode(), "+", "%20")
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+server+path+"?"+query, nil)
 	if err != nil {
 		return err
 	}

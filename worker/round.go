@@ -62,21 +62,24 @@ func (d *Discovery) candidates(ctx context.Context, in roundInput) []string {
 	return out
 }
 
-// currentControl is where to ask the current server, known only by its
-// transport address: as a PowerJob worker does, the configured server on
-// the same host; failing that the transport address itself, which is
-// right when the server's transport is its control address (the default).
+// currentControl is where to ask the current server, known by its
+// transport address: its control address if etcd named it (the owner
+// record has both); else, as a PowerJob worker does, the configured server
+// on the same host; else nowhere ("") — a transport is never asked.
 func (d *Discovery) currentControl(current string) string {
+	if c, ok := d.controls.Load(current); ok {
+		return c.(string)
+	}
 	host, _, err := net.SplitHostPort(current)
 	if err != nil {
-		return current
+		return ""
 	}
 	for _, s := range d.servers {
 		if h, _, err := net.SplitHostPort(s); err == nil && h == host {
 			return s
 		}
 	}
-	return current
+	return ""
 }
 
 // rankedServers lists the live servers' control addresses in the app's
