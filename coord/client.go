@@ -75,11 +75,16 @@ func DialConfig(ctx context.Context, cfg clientv3.Config) (*clientv3.Client, err
 	endpoints := cfg.Endpoints
 	cli, err := clientv3.New(cfg)
 	if err != nil {
+		// With credentials, New logs in and a TLS refusal shows only as
+		// its deadline: find the refusal itself.
+		if tlsErr := tlsRefusal(ctx, endpoints, cfg.TLS); tlsErr != nil && errors.Is(err, context.DeadlineExceeded) {
+			err = tlsErr
+		}
 		return nil, fmt.Errorf("coord: etcd client for %v: %w", endpoints, err)
 	}
 	probe, stop := context.WithCancelCause(ctx)
 	var wg sync.WaitGroup
-	wg.Go(func() { failIfUnreachable(probe, stop, cli, endpoints) })
+	wg.Go(func() { failIfUnreachable(probe, stop, cli, endpoints, cfg.TLS) })
 	err = Probe(probe, cli)
 	stop(nil)
 	wg.Wait()
@@ -95,8 +100,8 @@ func DialConfig(ctx context.Context, cfg clientv3.Config) (*clientv3.Client, err
 
 // failIfUnreachable ends probe with a clear error once the client's
 // connection has been failing for a second and no endpoint accepts a TCP
-// connection.
-func failIfUnreachable(probe context.Context, stop context.CancelCauseFunc, cli *clientv3.Client, endpoints []string) {
+// connection, or every endpoint refuses the client's TLS.
+func failIfUnreachable(probe context.Context, stop context.CancelCauseFunc, cli *clientv3.Client, endpoints []string, tlsCfg *tls.Config) {
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	var failingSince time.Time
@@ -131,6 +136,10 @@ func failIfUnreachable(probe context.Context, stop context.CancelCauseFunc, cli 
 		}
 		if len(errs) == len(endpoints) {
 			stop(fmt.Errorf("coord: cannot reach etcd at %v: %w", endpoints, errors.Join(errs...)))
+			return
+		}
+		if err := tlsRefusal(probe, endpoints, tlsCfg); err != nil {
+			stop(fmt.Errorf("coord: etcd at %v: %w", endpoints, err))
 			return
 		}
 	}
@@ -175,4 +184,51 @@ func LoadTLS(caFile, certFile, keyFile string) (*tls.Config, error) {
 		cfg.Certificates = []tls.Certificate{cert}
 	}
 	return cfg, nil
+}
+
+// tlsRefusal returns why every endpoint refuses a TLS connection with
+// cfg (an untrusted server certificate, a client certificate the members
+// do not accept), or nil if one accepts it, or without TLS.
+func tlsRefusal(ctx context.Context, endpoints []string, cfg *tls.Config) error {
+	if cfg == nil {
+		return nil
+	}
+	var errs []error
+	for _, ep := range endpoints {
+		host := ep
+		if u, err := url.Parse(ep); err == nil && u.Host != "" {
+			host = u.Host
+		}
+		err := tlsAccepted(ctx, host, cfg)
+		if err == nil {
+			return nil
+		}
+		errs = append(errs, fmt.Errorf("%s: %w", host, err))
+	}
+	return errors.Join(errs...)
+}
+
+// tlsAccepted completes a TLS handshake with host and waits briefly for
+// the server's verdict on the client certificate, which TLS 1.3 sends
+// after the handshake: an alert, or silence while it waits for the
+// client to speak.
+func tlsAccepted(ctx context.Context, host string, cfg *tls.Config) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	cfg = cfg.Clone()
+	if cfg.ServerName == "" {
+		cfg.ServerName, _, _ = net.SplitHostPort(host)
+	}
+	conn, err := (&tls.Dialer{NetDialer: &net.Dialer{}, Config: cfg}).DialContext(ctx, "tcp", host)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	conn.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	_, err = conn.Read(make([]byte, 1))
+	var timeout net.Error
+	if errors.As(err, &timeout) && timeout.Timeout() {
+		return nil
+	}
+	return err
 }
