@@ -1,10 +1,14 @@
 package integration
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"errors"
+	"os"
+	"os/exec"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -282,4 +286,53 @@ func TestWrongCredentialsFailFastAndClearly(t *testing.T) {
 		t.Errorf("no client certificate took %v to fail", took)
 	}
 	t.Logf("no client certificate: %v (after %v)", err, time.Since(start))
+}
+
+// examples/node reaches a TLS etcd with auth from its flags, the password
+// from the environment (never a flag), and serves under the server role.
+func TestNodeExampleDialsTLSAndAuthFromItsFlags(t *testing.T) {
+	s := startSecureEtcd(t)
+	cert, key := s.pki.Issue("srv-a")
+	cmd := exec.Command(nodeBinary, "-etcd", strings.Join(s.etcd.Endpoints(), ","), "-prefix", s.prefix,
+		"-etcd-cacert", s.pki.CAFile, "-etcd-cert", cert, "-etcd-key", key, "-etcd-user", "srv-a",
+		"-listen", "127.0.0.1:0", "-id", "a", "-ttl", "1s", "-apps", "orders", "-log-level", nodeLogLevel())
+	cmd.Env = append(os.Environ(), coord.PasswordEnv+"=srv-a-secret")
+	cmd.Stderr = logWriter{t: t, logger: testutil.Logger(t).Named("node")}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	defer func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		<-exited
+	}()
+	started := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), `"event":"started"`) {
+				started <- sc.Text()
+			}
+		}
+	}()
+	select {
+	case line := <-started:
+		t.Logf("node started: %s", line)
+	case err := <-exited:
+		t.Fatalf("node exited: %v", err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("node did not start within 20 s")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	keys, _ := keyspace.New(s.prefix)
+	resp, err := s.etcd.Client().Get(ctx, keys.ServerPrefix(), clientv3.WithPrefix())
+	if err != nil || len(resp.Kvs) != 1 {
+		t.Fatalf("membership of the node: %v, %v", resp, err)
+	}
 }

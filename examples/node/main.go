@@ -50,6 +50,8 @@ func main() {
 		embed       = flag.Bool("embedded", false, "run an etcd inside this process instead of dialing -etcd (a demo of one)")
 		metrics     = flag.String("metrics", "", "serve Prometheus metrics at http://ADDR/metrics (default: none)")
 	)
+	var security coord.EtcdSecurity
+	security.Flags(flag.CommandLine)
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), `node runs one baton scheduler server: it registers in etcd, answers
 PowerJob's worker endpoints on -listen (sending workers to the
@@ -76,7 +78,7 @@ Usage: node [flags]
 		os.Exit(2)
 	}
 	err = withEtcd(logger, *embed, strings.Split(*etcd, ","), func(endpoints []string) error {
-		return run(logger, endpoints, *metrics, *listen, *advertise, *external, protocols, *id, *ttl, *pingTimeout, *prefix, *apps, *adminToken)
+		return run(logger, endpoints, security, *metrics, *listen, *advertise, *external, protocols, *id, *ttl, *pingTimeout, *prefix, *apps, *adminToken)
 	})
 	if err != nil {
 		logger.Error("node failed", "error", err)
@@ -152,11 +154,15 @@ func parseTransports(s string) (coord.Protocols, error) {
 	return out, out.Validate()
 }
 
-func run(logger hclog.Logger, endpoints []string, metricsAddr, listen, advertise, external string, protocols coord.Protocols, id string, ttl, pingTimeout time.Duration, prefix, apps, adminToken string) error {
+func run(logger hclog.Logger, endpoints []string, security coord.EtcdSecurity, metricsAddr, listen, advertise, external string, protocols coord.Protocols, id string, ttl, pingTimeout time.Duration, prefix, apps, adminToken string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	etcdCfg := coord.ClientConfig(endpoints, logger)
+	if err := security.Apply(&etcdCfg); err != nil {
+		return err
+	}
 	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	cli, err := coord.Dial(dialCtx, endpoints, logger)
+	cli, err := coord.DialConfig(dialCtx, etcdCfg)
 	cancel()
 	if err != nil {
 		return err

@@ -35,6 +35,8 @@ func main() {
 		lazy     = flag.Bool("lazy", false, "start even if no server can be found yet")
 		logLevel = flag.String("log-level", "info", "trace, debug, info, warn or error")
 	)
+	var security coord.EtcdSecurity
+	security.Flags(flag.CommandLine)
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), `worker follows the baton server that owns one app and prints every change
 of it as a JSON line on stdout. -app is required, and so is -servers or
@@ -51,7 +53,7 @@ Usage: worker -app NAME (-servers HOST:PORT,... | -etcd HOST:PORT,...) [flags]
 		os.Exit(2)
 	}
 	logger := hclog.New(&hclog.LoggerOptions{Name: *app, Level: hclog.LevelFromString(*logLevel), Output: os.Stderr})
-	if err := run(logger, *etcd, *servers, *app, *protocol, *prefix, *interval, *lazy); err != nil {
+	if err := run(logger, *etcd, security, *servers, *app, *protocol, *prefix, *interval, *lazy); err != nil {
 		logger.Error("worker failed", "error", err)
 		os.Exit(1)
 	}
@@ -68,7 +70,7 @@ type line struct {
 	Time     time.Time `json:"time"`
 }
 
-func run(logger hclog.Logger, etcd, servers, app, protocol, prefix string, interval time.Duration, lazy bool) error {
+func run(logger hclog.Logger, etcd string, security coord.EtcdSecurity, servers, app, protocol, prefix string, interval time.Duration, lazy bool) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	out := json.NewEncoder(os.Stdout)
@@ -81,7 +83,11 @@ func run(logger hclog.Logger, etcd, servers, app, protocol, prefix string, inter
 	}
 	if etcd != "" {
 		// No probe: a worker must start even while etcd is unreachable.
-		cli, err := clientv3.New(coord.ClientConfig(strings.Split(etcd, ","), logger))
+		etcdCfg := coord.ClientConfig(strings.Split(etcd, ","), logger)
+		if err := security.Apply(&etcdCfg); err != nil {
+			return err
+		}
+		cli, err := clientv3.New(etcdCfg)
 		if err != nil {
 			return err
 		}
