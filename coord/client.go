@@ -14,7 +14,6 @@ import (
 
 	"github.com/batonhq/baton/internal/zaplog"
 	"github.com/hashicorp/go-hclog"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
@@ -145,13 +144,12 @@ func failIfUnreachable(probe context.Context, stop context.CancelCauseFunc, cli 
 	}
 }
 
-// Probe performs one count-only linearizable read; it returns nil when the
-// cluster has a leader and answered before ctx ended. A user whom etcd's
-// authentication does not let read the key read is answered all the same
-// (permission denied): that is a success here.
+// Probe returns nil once etcd has answered a request that needs a leader,
+// or an error when ctx ends first. It lists the members, which needs no
+// permission on any key: any etcd user may probe, whatever its role, and
+// no permission error is logged.
 func Probe(ctx context.Context, cli *clientv3.Client) error {
-	_, err := cli.Get(clientv3.WithRequireLeader(ctx), "/", clientv3.WithCountOnly())
-	if err != nil && !errors.Is(err, rpctypes.ErrPermissionDenied) {
+	if _, err := cli.MemberList(clientv3.WithRequireLeader(ctx)); err != nil {
 		return fmt.Errorf("coord: etcd at %v did not answer: %w", cli.Endpoints(), err)
 	}
 	return nil
