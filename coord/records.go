@@ -33,6 +33,23 @@ const (
 type Endpoint struct {
 	Address         string `json:"address"`
 	ExternalAddress string `json:"externalAddress,omitempty"`
+	// TLS says the endpoint speaks TLS: for a control endpoint, HTTPS.
+	TLS bool `json:"tls,omitempty"`
+}
+
+// URL is the base URL of a control endpoint as workers reach it
+// ("https://" + ForWorkers() with TLS, else "http://").
+func (e Endpoint) URL() string { return e.scheme() + "://" + e.ForWorkers() }
+
+// PeerURL is the base URL of a control endpoint as other servers reach it
+// (its Address).
+func (e Endpoint) PeerURL() string { return e.scheme() + "://" + e.Address }
+
+func (e Endpoint) scheme() string {
+	if e.TLS {
+		return "https"
+	}
+	return "http"
 }
 
 // ForWorkers is the address to give a worker: ExternalAddress when set,

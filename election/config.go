@@ -16,11 +16,11 @@ import (
 // HTTP implementation.
 type Pinger interface {
 	// Ping returns the transport protocols of server serverID, whose
-	// control address is address. It fails if nothing answered before ctx
+	// control endpoint is control. It fails if nothing answered before ctx
 	// ended, or if another server answered there (a process restarted on
 	// the address under another id): only serverID's own answer shows it
 	// alive.
-	Ping(ctx context.Context, serverID, address string) (coord.Protocols, error)
+	Ping(ctx context.Context, serverID string, control coord.Endpoint) (coord.Protocols, error)
 }
 
 // Callbacks are called per app, in order, never concurrently for the same

@@ -371,7 +371,7 @@ func (e *Elector) liveOwner(ctx context.Context, app int64, val []byte, lease cl
 	}
 	pctx, cancel := context.WithTimeout(ctx, e.cfg.PingTimeout)
 	defer cancel()
-	protocols, err := e.cfg.Pinger.Ping(pctx, rec.ServerID, rec.Control.Address)
+	protocols, err := e.cfg.Pinger.Ping(pctx, rec.ServerID, rec.Control)
 	if err != nil {
 		e.logger.Info("owner did not answer a ping", "app_id", app, "owner", rec.ServerID, "error", err)
 		down[rec.ServerID] = true

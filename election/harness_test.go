@@ -42,7 +42,8 @@ type pinger struct {
 	asked map[string]int // pings per address
 }
 
-func (p *pinger) Ping(ctx context.Context, serverID, address string) (coord.Protocols, error) {
+func (p *pinger) Ping(ctx context.Context, serverID string, control coord.Endpoint) (coord.Protocols, error) {
+	address := control.Address
 	p.mu.Lock()
 	protos, ok := p.nodes[address]
 	id := p.ids[address]

@@ -2,8 +2,10 @@ package server
 
 import (
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"fmt"
+	"net/http"
 	"os"
 	"time"
 
@@ -37,6 +39,15 @@ type Config struct {
 	// port). Empty means no listener: mount Handler() in your own server
 	// and set Control.
 	Listen string
+	// TLS, if set, makes the Listen listener serve HTTPS with it (its
+	// Certificates, and ClientAuth if peers and workers must present
+	// certificates); Control.TLS is then set for you. A node mounted in
+	// your own server serves whatever that server serves: set Control.TLS
+	// when it is HTTPS.
+	TLS *tls.Config
+	// HTTPClient sends this node's pings to peers; with TLS it must trust
+	// their certificates. Nil means http.DefaultClient.
+	HTTPClient *http.Client
 	// Control is where peers and workers reach baton's endpoints
 	// (/server/* for discovery, /friend/ping): the addresses to list in
 	// workers' server lists. Default, with Listen: the listener's address
@@ -137,6 +148,12 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if err := coord.ValidateName(c.ServerID); err != nil {
 		return c, fmt.Errorf("server: %w: ServerID (%q): %v", ErrInvalidConfig, c.ServerID, err)
+	}
+	if c.TLS != nil && c.Listen == "" {
+		return c, fmt.Errorf("server: %w: TLS is set but Listen is empty: a mounted node serves whatever your server serves (set Control.TLS)", ErrInvalidConfig)
+	}
+	if c.TLS != nil && len(c.TLS.Certificates) == 0 && c.TLS.GetCertificate == nil {
+		return c, fmt.Errorf("server: %w: TLS has no certificate", ErrInvalidConfig)
 	}
 	if c.Control.Address == "" && c.Listen == "" {
 		return c, fmt.Errorf("server: %w: Control.Address and Listen are empty: set one of them", ErrInvalidConfig)

@@ -71,7 +71,7 @@ func TestADrainThatCannotFinishReleasesTheApps(t *testing.T) {
 			if again := s1.Drain(context.Background()); !errors.Is(again, err) && again.Error() != err.Error() {
 				t.Errorf("second Drain = %v; want the first's %v", again, err)
 			}
-			if _, perr := (server.HTTPPinger{}).Ping(ctx, s1.ID(), s1.Addr()); perr == nil {
+			if _, perr := (server.HTTPPinger{}).Ping(ctx, s1.ID(), coord.Endpoint{Address: s1.Addr()}); perr == nil {
 				t.Error("a draining node still answers pings as alive")
 			}
 			// Within TTL + 1 s (plus a second for a loaded machine) s2 acts

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"maps"
@@ -139,6 +140,10 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 		if r.control.Address == "" {
 			r.control.Address = dialable(r.listener.Addr())
 		}
+		if n.cfg.TLS != nil {
+			r.listener = tls.NewListener(r.listener, n.cfg.TLS)
+			r.control.TLS = true
+		}
 	}
 	if len(r.protocols) == 0 {
 		// The scheduler receives its workers' HTTP traffic where baton's
@@ -181,7 +186,7 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 		Control:    r.control,
 		Protocols:  r.protocols,
 		Tuning:     n.cfg.Election,
-		Pinger:     HTTPPinger{},
+		Pinger:     HTTPPinger{Client: n.cfg.HTTPClient},
 		Callbacks:  n.cfg.Callbacks,
 		Logger:     n.cfg.Logger,
 		Registerer: n.cfg.Registerer,

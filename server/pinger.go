@@ -10,11 +10,13 @@ import (
 	"github.com/batonhq/baton/coord"
 )
 
-// HTTPPinger pings another baton server at GET /friend/ping, as the
-// elector does before taking an app from a live owner. It is safe for
-// concurrent use.
+// HTTPPinger pings another baton server at GET /friend/ping on its
+// control endpoint (HTTPS when the endpoint says TLS), as the elector does
+// before taking an app from a live owner. It is safe for concurrent use.
 type HTTPPinger struct {
-	Client *http.Client // nil means http.DefaultClient; ctx bounds each ping
+	// Client sends the pings; it must trust the peers' certificates when
+	// they serve TLS. Nil means http.DefaultClient. ctx bounds each ping.
+	Client *http.Client
 }
 
 // pingAnswer is /friend/ping's data: who answered and its transports.
@@ -24,11 +26,12 @@ type pingAnswer struct {
 }
 
 // Ping implements election.Pinger.
-func (p HTTPPinger) Ping(ctx context.Context, serverID, address string) (coord.Protocols, error) {
+func (p HTTPPinger) Ping(ctx context.Context, serverID string, control coord.Endpoint) (coord.Protocols, error) {
+	address := control.Address
 	if err := validHostPort(address); err != nil {
 		return nil, fmt.Errorf("server: ping %q: %w", address, err)
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+address+"/friend/ping", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, control.PeerURL()+"/friend/ping", nil)
 	if err != nil {
 		return nil, err
 	}

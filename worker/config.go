@@ -42,8 +42,9 @@ type Config struct {
 	// AppName is the app this worker belongs to. Required.
 	AppName string
 	// Servers are the control addresses (host:port, PowerJob's web port)
-	// of scheduler servers, asked over HTTP when etcd cannot tell. May be
-	// empty only when Client is set.
+	// of scheduler servers, asked over HTTP when etcd cannot tell; write
+	// https://host:port for one that serves HTTPS (HTTPClient must then
+	// trust its certificate). May be empty only when Client is set.
 	Servers []string
 	// Protocol is the transport protocol whose address the worker wants
 	// ("HTTP", "AKKA", or any name the servers offer). Default "HTTP".
@@ -127,7 +128,7 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("worker: %w: Servers is empty and Client is nil: give at least one", ErrInvalidConfig)
 	}
 	for _, s := range c.Servers {
-		if err := validHostPort(s); err != nil {
+		if _, err := serverURL(s); err != nil {
 			return c, fmt.Errorf("worker: %w: Servers entry %q: %v", ErrInvalidConfig, s, err)
 		}
 	}
@@ -178,6 +179,22 @@ func (c Config) withDefaults() (Config, error) {
 		c.Logger = hclog.NewNullLogger()
 	}
 	return c, nil
+}
+
+// serverURL is the base URL of a Servers entry: "host:port" speaks HTTP,
+// "http://host:port" and "https://host:port" say which.
+func serverURL(s string) (string, error) {
+	scheme, hostPort, found := strings.Cut(s, "://")
+	if !found {
+		scheme, hostPort = "http", s
+	}
+	if scheme != "http" && scheme != "https" {
+		return "", fmt.Errorf("scheme %q: only http and https", scheme)
+	}
+	if err := validHostPort(hostPort); err != nil {
+		return "", err
+	}
+	return scheme + "://" + hostPort, nil
 }
 
 func validHostPort(s string) error {

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
-	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -45,7 +44,7 @@ type Discovery struct {
 	api      *httpAPI
 	registry *coord.Registry // nil without a client
 	metrics  *metrics
-	servers  []string     // Config.Servers, shuffled once
+	servers  []string     // Config.Servers as base URLs, shuffled once
 	ownHTTP  *http.Client // the HTTP client the Discovery made (no Config.HTTPClient), closed with it
 	controls sync.Map     // a server's transport address → its control address, from owner records
 
@@ -81,7 +80,7 @@ func New(cfg Config) (*Discovery, error) {
 		keys:    keys,
 		logger:  cfg.Logger.Named("worker").With("app_name", cfg.AppName),
 		metrics: m,
-		servers: slices.Clone(cfg.Servers),
+		servers: serverURLs(cfg.Servers),
 		reports: make(chan string, 16),
 		changes: make(chan Change, 1),
 	}
@@ -223,7 +222,7 @@ func (d *Discovery) serverFromRecord(rec coord.OwnerRecord, token int64) (Server
 	if !ok {
 		return Server{}, false
 	}
-	d.controls.Store(ep.ForWorkers(), rec.Control.ForWorkers())
+	d.controls.Store(ep.ForWorkers(), rec.Control.URL())
 	return Server{Address: ep.ForWorkers(), ServerID: rec.ServerID, Token: token}, true
 }
 
@@ -301,4 +300,14 @@ func (d *Discovery) resolveAppInEtcd(ctx context.Context) error {
 	}
 	d.appID.Store(app.ID)
 	return nil
+}
+
+// serverURLs are the base URLs of Config.Servers (validated by
+// withDefaults).
+func serverURLs(servers []string) []string {
+	out := make([]string, len(servers))
+	for i, s := range servers {
+		out[i], _ = serverURL(s)
+	}
+	return out
 }

@@ -36,14 +36,15 @@ func newHTTPClient(pingTimeout time.Duration) *http.Client {
 // not help: unknown app, no owner, not ready).
 var errRefused = errors.New("worker: server refused")
 
-// get sends one GET and decodes the envelope's data into out.
+// get sends one GET to server (a base URL, "http://host:port" or
+// "https://host:port") and decodes the envelope's data into out.
 func (a *httpAPI) get(ctx context.Context, server, path string, q url.Values, out any) error {
 	ctx, cancel := context.WithTimeout(ctx, a.timeout)
 	defer cancel()
 	// Spaces as %20, not "+": the server reads "+" as a plus, as PowerJob
 	// workers send app names unencoded.
 	query := strings.ReplaceAll(q.Encode(), "+", "%20")
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+server+path+"?"+query, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, server+path+"?"+query, nil)
 	if err != nil {
 		return err
 	}

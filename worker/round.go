@@ -3,6 +3,8 @@ package worker
 import (
 	"context"
 	"net"
+	"net/url"
+	"strings"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -75,14 +77,14 @@ func (d *Discovery) currentControl(current string) string {
 		return ""
 	}
 	for _, s := range d.servers {
-		if h, _, err := net.SplitHostPort(s); err == nil && h == host {
+		if u, err := url.Parse(s); err == nil && u.Hostname() == strings.Trim(host, "[]") {
 			return s
 		}
 	}
 	return ""
 }
 
-// rankedServers lists the live servers' control addresses in the app's
+// rankedServers lists the live servers' control URLs in the app's
 // successor order, without exclude.
 func (d *Discovery) rankedServers(ctx context.Context, exclude string) []string {
 	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
@@ -98,7 +100,7 @@ func (d *Discovery) rankedServers(ctx context.Context, exclude string) []string 
 		if err != nil || rec.ServerID == exclude {
 			continue
 		}
-		byID[rec.ServerID] = rec.Control.ForWorkers()
+		byID[rec.ServerID] = rec.Control.URL()
 		ids = append(ids, rec.ServerID)
 	}
 	var out []string

@@ -9,6 +9,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -49,6 +50,9 @@ func main() {
 		pingTimeout = flag.Duration("ping-timeout", 0, "how long a ping of another server may take (0: the elector's default)")
 		embed       = flag.Bool("embedded", false, "run an etcd inside this process instead of dialing -etcd (a demo of one)")
 		metrics     = flag.String("metrics", "", "serve Prometheus metrics at http://ADDR/metrics (default: none)")
+		tlsCert     = flag.String("tls-cert", "", "serve baton's endpoints over HTTPS with this certificate (PEM), with -tls-key")
+		tlsKey      = flag.String("tls-key", "", "key of -tls-cert (PEM)")
+		tlsCA       = flag.String("tls-ca", "", "CA (PEM) that signed the other servers' -tls-cert, for pinging them (default: the system's roots)")
 	)
 	var security coord.EtcdSecurity
 	security.Flags(flag.CommandLine)
@@ -78,7 +82,8 @@ Usage: node [flags]
 		os.Exit(2)
 	}
 	err = withEtcd(logger, *embed, strings.Split(*etcd, ","), func(endpoints []string) error {
-		return run(logger, endpoints, security, *metrics, *listen, *advertise, *external, protocols, *id, *ttl, *pingTimeout, *prefix, *apps, *adminToken)
+		wire := wireTLS{cert: *tlsCert, key: *tlsKey, ca: *tlsCA}
+		return run(logger, endpoints, security, wire, *metrics, *listen, *advertise, *external, protocols, *id, *ttl, *pingTimeout, *prefix, *apps, *adminToken)
 	})
 	if err != nil {
 		logger.Error("node failed", "error", err)
@@ -154,7 +159,29 @@ func parseTransports(s string) (coord.Protocols, error) {
 	return out, out.Validate()
 }
 
-func run(logger hclog.Logger, endpoints []string, security coord.EtcdSecurity, metricsAddr, listen, advertise, external string, protocols coord.Protocols, id string, ttl, pingTimeout time.Duration, prefix, apps, adminToken string) error {
+// wireTLS is the node's HTTPS setup: its certificate and the CA it trusts
+// for its peers.
+type wireTLS struct{ cert, key, ca string }
+
+// apply sets cfg.TLS and cfg.HTTPClient when a certificate is given.
+func (w wireTLS) apply(cfg *server.Config) error {
+	if w.cert == "" && w.key == "" {
+		return nil
+	}
+	pair, err := tls.LoadX509KeyPair(w.cert, w.key)
+	if err != nil {
+		return fmt.Errorf("-tls-cert/-tls-key: %w", err)
+	}
+	cfg.TLS = &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12}
+	trust, err := coord.LoadTLS(w.ca, "", "")
+	if err != nil {
+		return fmt.Errorf("-tls-ca: %w", err)
+	}
+	cfg.HTTPClient = &http.Client{Transport: &http.Transport{TLSClientConfig: trust}}
+	return nil
+}
+
+func run(logger hclog.Logger, endpoints []string, security coord.EtcdSecurity, wire wireTLS, metricsAddr, listen, advertise, external string, protocols coord.Protocols, id string, ttl, pingTimeout time.Duration, prefix, apps, adminToken string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	etcdCfg := coord.ClientConfig(endpoints, logger)
@@ -172,6 +199,9 @@ func run(logger hclog.Logger, endpoints []string, security coord.EtcdSecurity, m
 	cfg := server.DefaultConfig()
 	cfg.Client, cfg.Prefix, cfg.ServerID, cfg.TTL, cfg.Listen = cli, prefix, id, ttl, listen
 	cfg.AdminToken, cfg.Logger = adminToken, logger
+	if err := wire.apply(&cfg); err != nil {
+		return err
+	}
 	if metricsAddr != "" {
 		reg := prometheus.NewRegistry()
 		cfg.Registerer = reg

@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
@@ -33,6 +34,7 @@ func main() {
 		interval = flag.Duration("interval", 10*time.Second, "polling interval")
 		prefix   = flag.String("prefix", coord.DefaultPrefix, "etcd key prefix")
 		lazy     = flag.Bool("lazy", false, "start even if no server can be found yet")
+		tlsCA    = flag.String("tls-ca", "", "CA (PEM) that signed the servers' HTTPS certificates (-servers https://HOST:PORT; default: the system's roots)")
 		logLevel = flag.String("log-level", "info", "trace, debug, info, warn or error")
 	)
 	var security coord.EtcdSecurity
@@ -53,7 +55,7 @@ Usage: worker -app NAME (-servers HOST:PORT,... | -etcd HOST:PORT,...) [flags]
 		os.Exit(2)
 	}
 	logger := hclog.New(&hclog.LoggerOptions{Name: *app, Level: hclog.LevelFromString(*logLevel), Output: os.Stderr})
-	if err := run(logger, *etcd, security, *servers, *app, *protocol, *prefix, *interval, *lazy); err != nil {
+	if err := run(logger, *etcd, security, *tlsCA, *servers, *app, *protocol, *prefix, *interval, *lazy); err != nil {
 		logger.Error("worker failed", "error", err)
 		os.Exit(1)
 	}
@@ -70,7 +72,7 @@ type line struct {
 	Time     time.Time `json:"time"`
 }
 
-func run(logger hclog.Logger, etcd string, security coord.EtcdSecurity, servers, app, protocol, prefix string, interval time.Duration, lazy bool) error {
+func run(logger hclog.Logger, etcd string, security coord.EtcdSecurity, tlsCA, servers, app, protocol, prefix string, interval time.Duration, lazy bool) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	out := json.NewEncoder(os.Stdout)
@@ -78,6 +80,13 @@ func run(logger hclog.Logger, etcd string, security coord.EtcdSecurity, servers,
 	cfg := worker.DefaultConfig()
 	cfg.AppName, cfg.Prefix, cfg.Interval, cfg.Logger, cfg.AllowLazyConnect = app, prefix, interval, logger, lazy
 	cfg.Protocol = protocol
+	if tlsCA != "" {
+		trust, err := coord.LoadTLS(tlsCA, "", "")
+		if err != nil {
+			return fmt.Errorf("-tls-ca: %w", err)
+		}
+		cfg.HTTPClient = &http.Client{Transport: &http.Transport{TLSClientConfig: trust}}
+	}
 	if servers != "" {
 		cfg.Servers = strings.Split(servers, ",")
 	}
