@@ -108,7 +108,9 @@ type HTTPTimeouts struct {
 	// worker is told "no" (acquire) or its connection dropped (assert), and
 	// it asks its next server instead of timing out. Must be below Write.
 	Answer time.Duration
-	// MaxHeaderBytes bounds request headers. Default 16 KiB.
+	// MaxHeaderBytes bounds a request's headers: over it the answer is
+	// 431 in the usual envelope (past 64 KiB, or this if larger, the
+	// standalone listener's Go server answers 431 itself). Default 16 KiB.
 	MaxHeaderBytes int
 }
 

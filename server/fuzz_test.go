@@ -19,19 +19,22 @@ var fuzzPaths = []string{
 	"/server/checkConnectivity", "/admin/apps", "/admin/owners", "/admin/handover", "/nope",
 }
 
+var fuzzSeeds = []string{
+	"", "appName=orders", "appName=..%2F..%2Fx", "appName=%00", "appName=a&appName=b",
+	"appId=1&protocol=HTTP", "appId=-1&protocol=HTTP", "appId=9223372036854775808&protocol=HTTP",
+	"appId=1&protocol=HTTP&currentServer=%5B%3A%3A1%5D%3A80", "appId=1&protocol=AKKA",
+	"targetIp=127.0.0.1&targetPort=1", "targetIp=::ffff:127.0.0.1&targetPort=65535",
+	"%zz", "appName=" + strings.Repeat("%C3%A9", 100), ";;;&&&==", "appName=a+b;c",
+	"appId=1&protocol=HTTP&currentServer=fe80::1:10010",
+}
+
 // FuzzQueryStrings sends arbitrary query strings to every endpoint (admin
 // ones with the right token, so that they write): no answer may be a 5xx
 // or anything but the JSON envelope, and nothing may be written outside
 // the key prefix.
 func FuzzQueryStrings(f *testing.F) {
 	for i := range fuzzPaths {
-		for _, q := range []string{
-			"", "appName=orders", "appName=..%2F..%2Fx", "appName=%00", "appName=a&appName=b",
-			"appId=1&protocol=HTTP", "appId=-1&protocol=HTTP", "appId=9223372036854775808&protocol=HTTP",
-			"appId=1&protocol=HTTP&currentServer=%5B%3A%3A1%5D%3A80", "appId=1&protocol=AKKA",
-			"targetIp=127.0.0.1&targetPort=1", "targetIp=::ffff:127.0.0.1&targetPort=65535",
-			"%zz", "appName=" + strings.Repeat("%C3%A9", 100), ";;;&&&==",
-		} {
+		for _, q := range fuzzSeeds {
 			f.Add(uint8(i), q)
 		}
 	}

@@ -32,7 +32,7 @@ func (n *Node) routes() http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeResult(w, http.StatusNotFound, Result{Message: "no such endpoint: " + truncate(r.URL.Path)})
 	})
-	return n.measured(recoverPanics(n, mux))
+	return n.measured(recoverPanics(n, n.bounded(mux)))
 }
 
 // route mounts h at the exact path for the given methods; other methods

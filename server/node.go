@@ -208,7 +208,7 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 			ReadTimeout:       t.Read,
 			WriteTimeout:      t.Write,
 			IdleTimeout:       t.Idle,
-			MaxHeaderBytes:    t.MaxHeaderBytes,
+			MaxHeaderBytes:    max(t.MaxHeaderBytes, headerHardCap),
 			ErrorLog:          n.logger.StandardLogger(&hclog.StandardLoggerOptions{ForceLevel: hclog.Debug}),
 		}
 		r.serveDone = make(chan struct{})
