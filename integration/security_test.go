@@ -160,6 +160,17 @@ func TestRolesAreEnoughForElectionHandoverFailoverAndDiscovery(t *testing.T) {
 
 	servertest.Crash(other)
 	follows(owner, "the crash failover")
+
+	// Close hands the app on (nobody is left) and revokes the lease: etcd
+	// lets a baton-server user revoke its own lease, whose keys are all
+	// under the prefix.
+	lease := owner.Session().Lease()
+	if err := owner.Close(ctx); err != nil {
+		t.Fatalf("close as a %s user: %v", coord.RoleServer, err)
+	}
+	if ttl, err := s.etcd.Client().TimeToLive(ctx, lease); err != nil || ttl.TTL != -1 {
+		t.Fatalf("lease after Close: %+v, %v; want it revoked", ttl, err)
+	}
 }
 
 // A worker identity can read where its server is and do nothing else; a
