@@ -2,6 +2,7 @@ package coord_test
 
 import (
 	"fmt"
+	"math"
 	"slices"
 	"testing"
 
@@ -64,5 +65,71 @@ func TestRankWeightsArePinned(t *testing.T) {
 	got := fmt.Sprint(coord.Rank(42, []string{"a", "b", "c", "d"}))
 	if want := "[d b a c]"; got != want {
 		t.Fatalf("Rank(42) = %s, want %s", got, want)
+	}
+}
+
+func weighted(ids []string, weights ...float64) []coord.Weighted {
+	out := make([]coord.Weighted, len(ids))
+	for i, id := range ids {
+		out[i] = coord.Weighted{ID: id, Weight: weights[i%len(weights)]}
+	}
+	return out
+}
+
+// With equal weights RankWeighted is Rank: switching to it changes no
+// placement until weights differ.
+func TestRankWeightedWithEqualWeightsIsRank(t *testing.T) {
+	ids := []string{"s1", "s2", "s3", "s4", "s5"}
+	for app := int64(1); app <= 5000; app++ {
+		if got, want := coord.RankWeighted(app, weighted(ids, 3)), coord.Rank(app, ids); !slices.Equal(got, want) {
+			t.Fatalf("app %d: RankWeighted %v, Rank %v", app, got, want)
+		}
+	}
+}
+
+// Shares follow the weights; a cordoned server (weight 0) is first for no
+// app; re-weighting one server moves apps only to or from it.
+func TestRankWeightedSharesAndMoves(t *testing.T) {
+	const apps = 100000
+	ids := []string{"a", "b", "c"}
+	first := func(w []coord.Weighted) map[int64]string {
+		out := map[int64]string{}
+		for app := int64(1); app <= apps; app++ {
+			out[app] = coord.RankWeighted(app, w)[0]
+		}
+		return out
+	}
+	share := func(placed map[int64]string, id string) float64 {
+		n := 0
+		for _, s := range placed {
+			if s == id {
+				n++
+			}
+		}
+		return float64(n) / apps
+	}
+	even := first(weighted(ids, 1))
+	heavy := first(weighted(ids, 1, 1, 2))
+	for id, want := range map[string]float64{"a": 0.25, "b": 0.25, "c": 0.5} {
+		if got := share(heavy, id); math.Abs(got-want) > 0.01 {
+			t.Errorf("weights 1,1,2: %s has %.3f of the apps, want %.2f", id, got, want)
+		}
+	}
+	for app, s := range heavy {
+		if s != even[app] && s != "c" {
+			t.Fatalf("raising c's weight moved app %d from %s to %s", app, even[app], s)
+		}
+	}
+	cordoned := first(weighted(ids, 1, 1, 0))
+	if got := share(cordoned, "c"); got != 0 {
+		t.Errorf("a cordoned server is first for %.3f of the apps", got)
+	}
+	for app, s := range cordoned {
+		if s != even[app] && even[app] != "c" {
+			t.Fatalf("cordoning c moved app %d from %s to %s", app, even[app], s)
+		}
+	}
+	if got := coord.RankWeighted(7, weighted(ids, 0)); !slices.Equal(got, coord.Rank(7, ids)) {
+		t.Errorf("all cordoned: %v, want Rank's order %v", got, coord.Rank(7, ids))
 	}
 }
