@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"net"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -12,6 +14,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/keyspace"
@@ -490,4 +493,135 @@ func label(m *dto.Metric, name string) string {
 		}
 	}
 	return ""
+}
+
+// startEtcdWithTokenTTL starts one embedded etcd member directly (the
+// test cluster has no AuthTokenTTL setting) with simple tokens that
+// expire after ttl seconds unused, auth on, baton's roles and users.
+func startEtcdWithTokenTTL(t *testing.T, ttl uint) (endpoint string, root *clientv3.Client) {
+	t.Helper()
+	cfg := embed.NewConfig()
+	cfg.Name = "m0"
+	cfg.Dir = t.TempDir()
+	ports := make([]string, 2)
+	for i := range ports {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ports[i] = l.Addr().String()
+		l.Close()
+	}
+	cu, _ := url.Parse("http://" + ports[0])
+	pu, _ := url.Parse("http://" + ports[1])
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
+	cfg.InitialCluster = "m0=" + pu.String()
+	cfg.TickMs, cfg.ElectionMs, cfg.UnsafeNoFsync = 10, 100, true
+	cfg.AuthTokenTTL = ttl
+	cfg.LogLevel = "error"
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	select {
+	case <-e.Server.ReadyNotify():
+	case <-time.After(20 * time.Second):
+		t.Fatal("etcd not ready")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	anon, err := coord.Dial(ctx, []string{cu.String()}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	anon.UserAdd(ctx, "root", "root-secret")
+	anon.UserGrantRole(ctx, "root", "root")
+	if _, err := anon.AuthEnable(ctx); err != nil {
+		t.Fatal(err)
+	}
+	anon.Close()
+	rcfg := coord.ClientConfig([]string{cu.String()}, nil)
+	rcfg.Username, rcfg.Password = "root", "root-secret"
+	root, err = coord.DialConfig(ctx, rcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { root.Close() })
+	if err := coord.SetupRoles(ctx, root, securePrefix); err != nil {
+		t.Fatal(err)
+	}
+	for user, role := range map[string]string{"srv-a": coord.RoleServer, "srv-b": coord.RoleServer, "wrk": coord.RoleWorker} {
+		root.UserAdd(ctx, user, user+"-secret")
+		root.UserGrantRole(ctx, user, role)
+	}
+	return cu.String(), root
+}
+
+// With etcd's simple tokens expiring after 1 s unused, a server and a
+// worker that sit idle for longer keep working: handovers, the worker's
+// watch and re-checks, a drain.
+func TestBreakExpiredSimpleTokens(t *testing.T) {
+	ep, root := startEtcdWithTokenTTL(t, 1)
+	dial := func(user string) *clientv3.Client {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		cfg := coord.ClientConfig([]string{ep}, testutil.Logger(t).Named(user))
+		cfg.Username, cfg.Password = user, user+"-secret"
+		cli, err := coord.DialConfig(ctx, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cli.Close() })
+		return cli
+	}
+	s := &secureEtcd{t: t, prefix: securePrefix}
+	a := s.nodeWith(dial("srv-a"), "a", func(c *server.Config) { c.TTL = 3 * time.Second })
+	b := s.nodeWith(dial("srv-b"), "b", func(c *server.Config) { c.TTL = 3 * time.Second })
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	app, err := a.Registry().Register(ctx, "orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wcfg := worker.DefaultConfig()
+	wcfg.AppName, wcfg.Client, wcfg.Prefix = "orders", dial("wrk"), securePrefix
+	wcfg.Servers = []string{a.Addr(), b.Addr()}
+	wcfg.Logger = testutil.Logger(t).Named("worker")
+	d, err := worker.New(wcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	owner := func() (*server.Node, *server.Node) {
+		if _, acting := a.Elector().Ownership(app.ID); acting {
+			return a, b
+		}
+		return b, a
+	}
+	for i := 0; i < 3; i++ {
+		idle := time.Now()
+		testutil.Eventually(t, 10*time.Second, "2.5 s of idleness (tokens expire)", func() bool { return time.Since(idle) > 2500*time.Millisecond })
+		o, other := owner()
+		if _, err := o.Elector().HandOver(ctx, app.ID); err != nil {
+			t.Fatalf("handover %d after the tokens expired: %v", i, err)
+		}
+		testutil.Eventually(t, 10*time.Second, "the worker to follow", func() bool {
+			cur, ok := d.Current()
+			return ok && cur.ServerID == other.ID()
+		})
+	}
+	idle := time.Now()
+	testutil.Eventually(t, 10*time.Second, "2.5 s of idleness", func() bool { return time.Since(idle) > 2500*time.Millisecond })
+	lease := a.Session().Lease()
+	if err := a.Drain(ctx); err != nil {
+		t.Errorf("drain after the tokens expired: %v", err)
+	}
+	if ttl, err := root.TimeToLive(ctx, lease); err != nil || ttl.TTL != -1 {
+		t.Errorf("a's lease after the drain: %+v, %v", ttl, err)
+	}
 }
