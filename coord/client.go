@@ -9,8 +9,11 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"strings"
 	"sync"
 	"time"
+
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 
 	"github.com/batonhq/baton/internal/zaplog"
 	"github.com/hashicorp/go-hclog"
@@ -18,7 +21,9 @@ import (
 	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/status"
 )
 
 // ClientConfig returns the etcd client settings baton recommends for a
@@ -72,12 +77,27 @@ func Dial(ctx context.Context, endpoints []string, logger hclog.Logger) (*client
 // returned client and closes it.
 func DialConfig(ctx context.Context, cfg clientv3.Config) (*clientv3.Client, error) {
 	endpoints := cfg.Endpoints
+	if cfg.Username != "" && cfg.TLS != nil {
+		// New logs in, and blocks for its DialTimeout whatever goes
+		// wrong: a server certificate this client does not trust is
+		// found at once by a handshake of its own.
+		if err := tlsRefusal(ctx, endpoints, cfg.TLS, false); err != nil {
+			return nil, fmt.Errorf("coord: etcd client for %v: %w", endpoints, err)
+		}
+	}
+	if d, ok := ctx.Deadline(); ok && (cfg.DialTimeout == 0 || time.Until(d) < cfg.DialTimeout) {
+		cfg.DialTimeout = max(time.Until(d), time.Millisecond) // New takes no ctx
+	}
 	cli, err := clientv3.New(cfg)
 	if err != nil {
-		// With credentials, New logs in and a TLS refusal shows only as
-		// its deadline: find the refusal itself.
-		if tlsErr := tlsRefusal(ctx, endpoints, cfg.TLS); tlsErr != nil && errors.Is(err, context.DeadlineExceeded) {
-			err = tlsErr
+		// With credentials, New logs in and a refused client
+		// certificate shows only as its deadline: find the refusal.
+		if errors.Is(err, context.DeadlineExceeded) {
+			diag, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+			if tlsErr := tlsRefusal(diag, endpoints, cfg.TLS, true); tlsErr != nil {
+				err = tlsErr
+			}
+			cancel()
 		}
 		return nil, fmt.Errorf("coord: etcd client for %v: %w", endpoints, err)
 	}
@@ -137,7 +157,7 @@ func failIfUnreachable(probe context.Context, stop context.CancelCauseFunc, cli 
 			stop(fmt.Errorf("coord: cannot reach etcd at %v: %w", endpoints, errors.Join(errs...)))
 			return
 		}
-		if err := tlsRefusal(probe, endpoints, tlsCfg); err != nil {
+		if err := tlsRefusal(probe, endpoints, tlsCfg, true); err != nil {
 			stop(fmt.Errorf("coord: etcd at %v: %w", endpoints, err))
 			return
 		}
@@ -185,9 +205,10 @@ func LoadTLS(caFile, certFile, keyFile string) (*tls.Config, error) {
 }
 
 // tlsRefusal returns why every endpoint refuses a TLS connection with
-// cfg (an untrusted server certificate, a client certificate the members
-// do not accept), or nil if one accepts it, or without TLS.
-func tlsRefusal(ctx context.Context, endpoints []string, cfg *tls.Config) error {
+// cfg (an untrusted server certificate; with verdict, also a client
+// certificate the members do not accept), or nil if one accepts it, or
+// without TLS.
+func tlsRefusal(ctx context.Context, endpoints []string, cfg *tls.Config, verdict bool) error {
 	if cfg == nil {
 		return nil
 	}
@@ -197,7 +218,7 @@ func tlsRefusal(ctx context.Context, endpoints []string, cfg *tls.Config) error 
 		if u, err := url.Parse(ep); err == nil && u.Host != "" {
 			host = u.Host
 		}
-		err := tlsAccepted(ctx, host, cfg)
+		err := tlsAccepted(ctx, host, cfg, verdict)
 		if err == nil {
 			return nil
 		}
@@ -206,11 +227,11 @@ func tlsRefusal(ctx context.Context, endpoints []string, cfg *tls.Config) error 
 	return errors.Join(errs...)
 }
 
-// tlsAccepted completes a TLS handshake with host and waits briefly for
-// the server's verdict on the client certificate, which TLS 1.3 sends
-// after the handshake: an alert, or silence while it waits for the
-// client to speak.
-func tlsAccepted(ctx context.Context, host string, cfg *tls.Config) error {
+// tlsAccepted completes a TLS handshake with host and, with verdict,
+// waits briefly for the server's verdict on the client certificate,
+// which TLS 1.3 sends after the handshake: an alert, or silence while it
+// waits for the client to speak.
+func tlsAccepted(ctx context.Context, host string, cfg *tls.Config, verdict bool) error {
 	ctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
 	cfg = cfg.Clone()
@@ -222,6 +243,9 @@ func tlsAccepted(ctx context.Context, host string, cfg *tls.Config) error {
 		return err
 	}
 	defer conn.Close()
+	if !verdict {
+		return nil
+	}
 	conn.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
 	_, err = conn.Read(make([]byte, 1))
 	var timeout net.Error
@@ -229,4 +253,46 @@ func tlsAccepted(ctx context.Context, host string, cfg *tls.Config) error {
 		return nil
 	}
 	return err
+}
+
+// stopOnHandshakeFailure ends ctx with the connection's own error once
+// cli's connection has been failing for a second with a failed TLS
+// handshake (a certificate etcd refuses, or one the client does not
+// trust): waiting longer cannot help. Other failures (etcd down, the
+// network) are left to ctx.
+func stopOnHandshakeFailure(ctx context.Context, stop context.CancelCauseFunc, cli *clientv3.Client) {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	var failingSince time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		conn := cli.ActiveConnection()
+		if conn.GetState() != connectivity.TransientFailure {
+			failingSince = time.Time{}
+			continue
+		}
+		if failingSince.IsZero() {
+			failingSince = time.Now()
+		}
+		if time.Since(failingSince) < time.Second {
+			continue
+		}
+		// A fail-fast call on a failing connection returns the error of
+		// its last attempt to connect.
+		_, err := pb.NewMaintenanceClient(conn).Status(ctx, &pb.StatusRequest{}, grpc.WaitForReady(false))
+		if status.Code(err) == codes.Unavailable && isTLSRefusal(err.Error()) {
+			stop(fmt.Errorf("coord: etcd at %v refuses this client's TLS: %w", cli.Endpoints(), err))
+			return
+		}
+	}
+}
+
+// isTLSRefusal tells a connection error caused by TLS (a failed handshake,
+// a certificate refused by either side) from others.
+func isTLSRefusal(msg string) bool {
+	return strings.Contains(msg, "handshake") || strings.Contains(msg, "tls: ") || strings.Contains(msg, "x509: ")
 }

@@ -32,7 +32,7 @@ func (s *EtcdSecurity) Flags(fs *flag.FlagSet) {
 	fs.StringVar(&s.CAFile, "etcd-cacert", "", "CA certificate (PEM) that signed the etcd members' certificates; enables TLS")
 	fs.StringVar(&s.CertFile, "etcd-cert", "", "client certificate (PEM) for etcd, with -etcd-key")
 	fs.StringVar(&s.KeyFile, "etcd-key", "", "client certificate key (PEM) for etcd")
-	fs.StringVar(&s.User, "etcd-user", "", "etcd user; its password comes from -etcd-password-file or $"+PasswordEnv)
+	fs.StringVar(&s.User, "etcd-user", "", "etcd user with a password (from -etcd-password-file or $"+PasswordEnv+"); omit it to be the user named by the client certificate's CN, which etcd never has to log in")
 	fs.StringVar(&s.PasswordFile, "etcd-password-file", "", "file whose first line is the etcd user's password")
 }
 

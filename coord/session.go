@@ -166,11 +166,19 @@ func NewSession(ctx context.Context, cfg SessionConfig) (*Session, error) {
 		return nil, err
 	}
 
-	// Bind the setup to both the caller's ctx and Close.
-	setup, stop := context.WithCancel(s.ctx)
-	defer stop()
-	defer context.AfterFunc(ctx, stop)()
+	// Bind the setup to both the caller's ctx and Close, and end it at
+	// once if etcd refuses the client's TLS: no retry can fix that.
+	setup, stop := context.WithCancelCause(s.ctx)
+	defer stop(nil)
+	defer context.AfterFunc(ctx, func() { stop(nil) })()
+	var watching sync.WaitGroup
+	defer watching.Wait()
+	defer stop(nil)
+	watching.Go(func() { stopOnHandshakeFailure(setup, stop, s.cli) })
 	if err := s.establish(setup); err != nil {
+		if cause := context.Cause(setup); cause != nil && !errors.Is(cause, context.Canceled) {
+			err = cause
+		}
 		s.cancel()
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 100*time.Millisecond)
 		if d, ok := ctx.Deadline(); ok && time.Until(d) > 100*time.Millisecond {
@@ -212,6 +220,10 @@ func (s *Session) startLease(ctx context.Context) error {
 		}
 		if ctx.Err() == nil || last == nil {
 			last = err
+		}
+		if errors.Is(err, rpctypes.ErrPermissionDenied) {
+			// This identity may not write here: retrying cannot help.
+			return fmt.Errorf("coord: lease callback: %w", err)
 		}
 		s.logger.Warn("lease callback failed, retrying", "error", err)
 		if backoff.Sleep(ctx, s.retryPause()) != nil {

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"io"
 	"net"
-	"net/http"
 	"net/url"
 	"strings"
 	"sync/atomic"
@@ -147,5 +146,4 @@ func TestBreakCleanedPathsAnswerInTheEnvelope(t *testing.T) {
 			t.Errorf("GET %s: %s %.120q, not the envelope", path, status, body)
 		}
 	}
-	_ = http.StatusOK
 }

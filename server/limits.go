@@ -2,6 +2,7 @@ package server
 
 import (
 	"net/http"
+	"path"
 	"strconv"
 )
 
@@ -18,11 +19,18 @@ const (
 )
 
 // bounded refuses, in the envelope, requests whose query or headers are
-// over the limits. Bodies are never read: no route takes one.
+// over the limits, and paths that are not clean (ServeMux would answer
+// them with a redirect in HTML). Bodies are never read: no route takes
+// one.
 func (n *Node) bounded(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if len(r.URL.RawQuery) > maxQueryBytes {
 			writeResult(w, http.StatusRequestURITooLong, Result{Message: "query is over " + strconv.Itoa(maxQueryBytes) + " bytes"})
+			return
+		}
+		if p := r.URL.Path; p == "" || path.Clean(p) != p && path.Clean(p)+"/" != p {
+			// ServeMux would redirect, with an HTML body.
+			writeResult(w, http.StatusNotFound, Result{Message: "no such endpoint: " + truncate(p)})
 			return
 		}
 		if size := headerBytes(r); size > n.cfg.HTTPTimeouts.MaxHeaderBytes {
@@ -36,7 +44,7 @@ func (n *Node) bounded(next http.Handler) http.Handler {
 // headerBytes is the size of r's request line and headers as sent,
 // roughly ("Name: value\r\n" each).
 func headerBytes(r *http.Request) int {
-	size := len(r.Method) + len(r.RequestURI) + len(r.Proto) + 4
+	size := len(r.Method) + len(r.RequestURI) + len(r.Proto) + 4 + len("Host: ") + len(r.Host) + 2
 	for name, values := range r.Header {
 		for _, v := range values {
 			size += len(name) + len(v) + 4
