@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -263,13 +264,21 @@ func (m *Members) Get(id string) (ServerRecord, bool) {
 func (m *Members) Rank(appID int64) []ServerRecord {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	ids := make([]string, 0, len(m.servers))
-	for id := range m.servers {
-		ids = append(ids, id)
-	}
-	out := make([]ServerRecord, 0, len(ids))
-	for _, id := range Rank(appID, ids) {
+	out := make([]ServerRecord, 0, len(m.servers))
+	for _, id := range RankWeighted(appID, Placement(slices.Collect(maps.Values(m.servers)), "")) {
 		out = append(out, m.servers[id])
+	}
+	return out
+}
+
+// Placement lists servers with their placement weights, for
+// RankWeighted, without the server exclude ("" excludes none).
+func Placement(servers []ServerRecord, exclude string) []Weighted {
+	out := make([]Weighted, 0, len(servers))
+	for _, s := range servers {
+		if s.ServerID != exclude {
+			out = append(out, Weighted{ID: s.ServerID, Weight: s.PlacementWeight()})
+		}
 	}
 	return out
 }
@@ -277,14 +286,11 @@ func (m *Members) Rank(appID int64) []ServerRecord {
 // Successor returns the live server that should take app over, or false
 // when no server is alive.
 func (m *Members) Successor(appID int64) (ServerRecord, bool) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	ids := make([]string, 0, len(m.servers))
-	for id := range m.servers {
-		ids = append(ids, id)
+	ranked := m.Rank(appID)
+	if len(ranked) == 0 {
+		return ServerRecord{}, false
 	}
-	id, ok := Successor(appID, ids)
-	return m.servers[id], ok
+	return ranked[0], true
 }
 
 // Close stops the watch. It is idempotent.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"time"
 
 	"github.com/batonhq/baton/internal/keyspace"
@@ -127,6 +128,23 @@ type ServerRecord struct {
 	StartedAt time.Time `json:"startedAt"`
 	// Software is the baton version the server runs, for diagnostics.
 	Software string `json:"software,omitempty"`
+	// Weight is the server's share of apps relative to the others'
+	// (RankWeighted); absent or 0 means 1.
+	Weight float64 `json:"weight,omitempty"`
+	// Cordoned servers take no new apps, and hand theirs on (balance).
+	Cordoned bool `json:"cordoned,omitempty"`
+}
+
+// PlacementWeight is the weight RankWeighted uses for the server: 0 when
+// cordoned, else Weight (1 when unset).
+func (r ServerRecord) PlacementWeight() float64 {
+	switch {
+	case r.Cordoned:
+		return 0
+	case r.Weight == 0:
+		return 1
+	}
+	return r.Weight
 }
 
 // Encode returns the record as JSON with Version set.
@@ -275,6 +293,9 @@ func (r ServerRecord) validate() error {
 	}
 	if r.StartedAt.IsZero() {
 		return errors.New("server record has no startedAt")
+	}
+	if r.Weight < 0 || math.IsNaN(r.Weight) || math.IsInf(r.Weight, 0) {
+		return fmt.Errorf("weight %v is not a finite non-negative number", r.Weight)
 	}
 	return nil
 }

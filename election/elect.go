@@ -42,6 +42,24 @@ import (
 // then), once its own watch has shown the write and no displaced owner
 // can still be acting — usually milliseconds later.
 func (e *Elector) Elect(ctx context.Context, app int64, protocol, currentServer string) (string, error) {
+	return e.answer(ctx, app, protocol, currentServer, false)
+}
+
+// Place is Elect, except that an app with no live owner goes to its
+// preferred live server — the first by coord.RankWeighted over the live
+// servers' placement weights that answers a ping — rather than to this
+// one: this server writes that server's owner record, bound to that
+// server's lease, under the app's mutex, in the same Txn Elect would
+// write its own (see the package doc, "Placement"). The answer is the
+// placed server's address at once. A server that does not answer is
+// skipped for the next by rank; this server comes last only if no other
+// answers before it in rank. Workers' acquires use it when the node
+// balances (server.Config.Balance).
+func (e *Elector) Place(ctx context.Context, app int64, protocol, currentServer string) (string, error) {
+	return e.answer(ctx, app, protocol, currentServer, true)
+}
+
+func (e *Elector) answer(ctx context.Context, app int64, protocol, currentServer string, place bool) (string, error) {
 	if e == nil {
 		return "", errNotStarted
 	}
@@ -63,7 +81,7 @@ func (e *Elector) Elect(ctx context.Context, app int64, protocol, currentServer 
 	if e.unknownRecently(app) {
 		return "", fmt.Errorf("%w: %d", ErrUnknownApp, app)
 	}
-	owner, err := e.ensureOwner(ctx, app)
+	owner, err := e.ensureOwner(ctx, app, place)
 	if err != nil {
 		return "", err
 	}
@@ -164,6 +182,7 @@ func (e *Elector) unknownRecently(app int64) bool {
 type owner struct {
 	serverID  string
 	protocols coord.Protocols
+	placed    bool // written by this server for another (Place)
 }
 
 // flight is one election in progress; concurrent callers for the same app
@@ -174,9 +193,10 @@ type flight struct {
 	err   error
 }
 
-// ensureOwner returns app's live owner, electing this server if there is
-// none, coalescing concurrent calls for the same app.
-func (e *Elector) ensureOwner(ctx context.Context, app int64) (owner, error) {
+// ensureOwner returns app's live owner, electing this server (with place,
+// the app's preferred live server) if there is none, coalescing
+// concurrent calls for the same app.
+func (e *Elector) ensureOwner(ctx context.Context, app int64, place bool) (owner, error) {
 	for {
 		e.mu.Lock()
 		f := e.flights[app]
@@ -184,7 +204,7 @@ func (e *Elector) ensureOwner(ctx context.Context, app int64) (owner, error) {
 			f = &flight{done: make(chan struct{})}
 			e.flights[app] = f
 			e.mu.Unlock()
-			f.owner, f.err = e.electInTurn(ctx, app)
+			f.owner, f.err = e.electInTurn(ctx, app, place)
 			e.mu.Lock()
 			delete(e.flights, app)
 			e.mu.Unlock()
@@ -207,18 +227,18 @@ func (e *Elector) ensureOwner(ctx context.Context, app int64) (owner, error) {
 
 // electInTurn runs elect once one of the ElectionConcurrency slots is
 // free.
-func (e *Elector) electInTurn(ctx context.Context, app int64) (owner, error) {
+func (e *Elector) electInTurn(ctx context.Context, app int64, place bool) (owner, error) {
 	select {
 	case e.slots <- struct{}{}:
 		defer func() { <-e.slots }()
 	case <-ctx.Done():
 		return owner{}, ctx.Err()
 	}
-	return e.elect(ctx, app)
+	return e.elect(ctx, app, place)
 }
 
 // elect runs the election proper, with retries.
-func (e *Elector) elect(ctx context.Context, app int64) (owner, error) {
+func (e *Elector) elect(ctx context.Context, app int64, place bool) (owner, error) {
 	down := map[string]bool{} // servers that did not answer a ping in this election
 	var last error
 	for attempt := 0; attempt < e.cfg.RetryTimes; attempt++ {
@@ -227,12 +247,15 @@ func (e *Elector) elect(ctx context.Context, app int64) (owner, error) {
 				return owner{}, err
 			}
 		}
-		o, done, err := e.attempt(ctx, app, down)
+		o, done, err := e.attempt(ctx, app, down, place)
 		if done {
 			if err == nil {
-				if o.serverID == e.cfg.ServerID {
+				switch {
+				case o.placed:
+					e.metrics.election("placed")
+				case o.serverID == e.cfg.ServerID:
 					e.metrics.election("won")
-				} else {
+				default:
 					e.metrics.election("other_owner")
 				}
 			}
@@ -250,7 +273,7 @@ func (e *Elector) elect(ctx context.Context, app int64) (owner, error) {
 
 // attempt makes one election attempt. done says whether its result is
 // final; otherwise err is a contention or transient failure to retry.
-func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool) (o owner, done bool, err error) {
+func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool, place bool) (o owner, done bool, err error) {
 	if err := e.session.Check(); err != nil {
 		return owner{}, true, fmt.Errorf("%w: %w", ErrNotReady, err)
 	}
@@ -293,6 +316,10 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool) 
 	if o, ok := e.handingOver(app); ok {
 		return o, true, nil
 	}
+	var elsewhere *handoverTarget // with place: the preferred live server, when not this one
+	if place {
+		elsewhere = e.preferredElsewhere(ctx, app, down)
+	}
 
 	lease := e.session.Lease()
 	lctx, cancel := context.WithTimeout(ctx, e.cfg.LockTimeout)
@@ -318,6 +345,10 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool) 
 		TTLMillis:  e.session.TTL().Milliseconds(),
 		AcquiredAt: time.Now().UTC(),
 	}
+	ownerLease := lease
+	if elsewhere != nil {
+		rec, ownerLease = elsewhere.record, elsewhere.lease
+	}
 	val, err := rec.Encode()
 	if err != nil {
 		return owner{}, true, err
@@ -326,12 +357,13 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool) 
 	// (anyone who elected meanwhile changed it: retry, and find them);
 	// the lock is released in the same Txn, and the displaced owner's
 	// marker written in it. The compare also proves the displaced lease
-	// still exists: the key is bound to it.
+	// still exists: the key is bound to it. A placed owner's lease must
+	// exist too, or the put fails.
 	txn, err := e.cli.Txn(ctx).If(
 		mx.IsOwner(),
 		clientv3.Compare(clientv3.ModRevision(key), "=", readRev),
 	).Then(append([]clientv3.Op{
-		clientv3.OpPut(key, string(val), clientv3.WithLease(lease)),
+		clientv3.OpPut(key, string(val), clientv3.WithLease(ownerLease)),
 		clientv3.OpDelete(mx.Key()),
 	}, displace...)...).Commit()
 	if err != nil {
@@ -341,6 +373,10 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool) 
 		return owner{}, false, errors.New("lost the mutex, or the owner key changed since it was read")
 	}
 	released = true
+	if elsewhere != nil {
+		e.logger.Debug("placed", "app_id", app, "owner", rec.ServerID, "token", txn.Header.Revision, "displaced", len(displace) > 0)
+		return owner{serverID: rec.ServerID, protocols: rec.Protocols, placed: true}, true, nil
+	}
 	e.mu.Lock()
 	e.tryActivate(e.own(app, txn.Header.Revision, lease))
 	e.mu.Unlock()

@@ -415,7 +415,7 @@ func (e *Elector) settle(touched map[int64]bool) {
 func (e *Elector) put(app int64, k ownerKey) {
 	e.table[app] = k
 	if e.isMine(k) {
-		if e.passOnIfClosing(app, k.modRev) {
+		if e.passOnIfUnwanted(app, k) {
 			delete(e.takeover.orphans, app)
 			return
 		}
@@ -434,16 +434,21 @@ func (e *Elector) put(app int64, k ownerKey) {
 	}
 }
 
-// passOnIfClosing deals with an owner key naming this server that appears
-// while it is closing — handed to it by another server, or written by an
-// election that was still in flight when the drain began: the app is
-// passed on, to this server's own successor, and it reports true. Called
-// with e.mu held.
-func (e *Elector) passOnIfClosing(app, token int64) bool {
-	if !e.draining && !e.closed {
+// passOnIfUnwanted deals with an owner key naming this server that it
+// will not own: one that appears while it is closing (handed to it by
+// another server, or written by an election that was still in flight
+// when the drain began), or one placed on it by another server (Place)
+// for an app it is resigning from. Left alone such a key would name an
+// owner that never acts; the app is passed on, to this server's own
+// successor, and it reports true. A key handed back (HandedOverFrom set)
+// ends the resignation instead. Called with e.mu held.
+func (e *Elector) passOnIfUnwanted(app int64, k ownerKey) bool {
+	resigning := e.resigningNow(app) && k.rec.HandedOverFrom == 0
+	if !e.draining && !e.closed && !resigning {
 		return false
 	}
-	e.logger.Info("an owner key naming this closing server appeared; passing the app on", "app_id", app)
+	token := k.modRev
+	e.logger.Info("an owner key naming this server appeared while it closes or resigns the app; passing the app on", "app_id", app)
 	e.loops.Add(1)
 	go func() {
 		defer e.loops.Done()

@@ -98,14 +98,11 @@ func (e *Elector) adopted(app int64) {
 // exclude (the owner that just left: its membership key may still be
 // listed for a moment). Empty when there is none.
 func (e *Elector) successor(app int64, exclude string) string {
-	var ids []string
-	for _, s := range e.members.Servers() {
-		if s.ServerID != exclude {
-			ids = append(ids, s.ServerID)
-		}
+	ranked := coord.RankWeighted(app, coord.Placement(e.members.Servers(), exclude))
+	if len(ranked) == 0 {
+		return ""
 	}
-	id, _ := coord.Successor(app, ids)
-	return id
+	return ranked[0]
 }
 
 // takeoverLoop elects this server for queued apps; ElectionConcurrency
@@ -132,7 +129,7 @@ func (e *Elector) takeoverLoop() {
 			e.mu.Unlock()
 
 			ctx, cancel := context.WithTimeout(e.ctx, e.cfg.LockTimeout+e.cfg.PingTimeout)
-			o, err := e.ensureOwner(ctx, app)
+			o, err := e.ensureOwner(ctx, app, false)
 			cancel()
 			if err != nil {
 				e.logger.Info("successor takeover failed; workers will ask", "app_id", app, "error", err)
@@ -176,7 +173,7 @@ func (e *Elector) reconsiderOrphans() {
 }
 
 // Successor returns the live server that takes app over if its current
-// owner leaves: the first by coord.Rank among the live servers other than
+// owner leaves: the first by coord.RankWeighted among the live servers other than
 // the owner this server's table shows. Workers that see the owner key
 // deleted make the same choice over the same set.
 func (e *Elector) Successor(app int64) (coord.ServerRecord, bool) {

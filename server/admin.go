@@ -19,6 +19,8 @@ func (n *Node) adminRoutes(mux *http.ServeMux) {
 	route(mux, "/admin/owners", n.admin(n.handleOwners), http.MethodGet)
 	route(mux, "/admin/handover", n.admin(n.handleHandOver), http.MethodPost)
 	route(mux, "/admin/drain", n.admin(n.handleDrain), http.MethodPost)
+	route(mux, "/admin/cordon", n.admin(n.handleCordon(true)), http.MethodPost)
+	route(mux, "/admin/uncordon", n.admin(n.handleCordon(false)), http.MethodPost)
 }
 
 // admin checks the bearer token in constant time before h runs.

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"encoding/hex"
 	"fmt"
+	"math"
 	"net/http"
 	"os"
 	"time"
@@ -69,6 +70,16 @@ type Config struct {
 	// Callbacks are this server's ownership callbacks (see
 	// election.Callbacks).
 	Callbacks election.Callbacks
+	// Balance places an app that has no live owner on its preferred live
+	// server (coord.RankWeighted over the servers' weights) when a worker
+	// asks for it, instead of on the server the worker happened to ask:
+	// see election.Elector.Place. DefaultConfig turns it on; false keeps
+	// PowerJob's first-come placement.
+	Balance bool
+	// Weight is this server's share of apps relative to the others' when
+	// balancing (its membership record's weight). Default 1; must be
+	// positive (cordon a server to give it no apps: Node.Cordon).
+	Weight float64
 	// CheckOfferedAddresses lets /server/checkConnectivity check any
 	// address a worker offers, as PowerJob's server does, instead of only
 	// the requester's own IP (the default). PowerJob workers offer every
@@ -124,6 +135,8 @@ func DefaultHTTPTimeouts() HTTPTimeouts {
 func DefaultConfig() Config {
 	return Config{
 		TTL:          5 * time.Second,
+		Balance:      true,
+		Weight:       1,
 		Election:     election.DefaultTuning(),
 		HTTPTimeouts: DefaultHTTPTimeouts(),
 	}
@@ -144,6 +157,12 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if err := c.Election.Validate(); err != nil {
 		return c, fmt.Errorf("server: Election: %w", err)
+	}
+	if c.Weight == 0 {
+		c.Weight = 1
+	}
+	if c.Weight < 0 || math.IsNaN(c.Weight) || math.IsInf(c.Weight, 0) {
+		return c, fmt.Errorf("server: %w: Weight (%v) must be a positive number", ErrInvalidConfig, c.Weight)
 	}
 	if c.ServerID == "" {
 		c.ServerID = generatedID()

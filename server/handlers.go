@@ -170,7 +170,11 @@ func (n *Node) handleAcquire(w http.ResponseWriter, r *http.Request, run *runnin
 	// better told "no" (and asks its next server) than left to time out.
 	ctx, cancel := context.WithTimeout(r.Context(), n.cfg.HTTPTimeouts.Answer)
 	defer cancel()
-	addr, err := run.elector.Elect(ctx, app, protocol, current)
+	elect := run.elector.Elect
+	if n.cfg.Balance {
+		elect = run.elector.Place
+	}
+	addr, err := elect(ctx, app, protocol, current)
 	if err != nil {
 		failed(w, err.Error())
 		return

@@ -42,6 +42,8 @@ type Node struct {
 	// the node answers /friend/ping as not serving, so that no peer sends
 	// workers to a node that will not act.
 	stopping atomic.Bool
+	// cordoned: placement weight 0 (Cordon).
+	cordoned atomic.Bool
 
 	mu      sync.Mutex
 	started bool
@@ -58,6 +60,7 @@ type drainResult struct {
 
 // running is what Start built; handlers read it without locks.
 type running struct {
+	record    coord.ServerRecord // the membership record, but Cordoned (n.cordoned)
 	started   time.Time
 	control   coord.Endpoint
 	protocols coord.Protocols
@@ -153,15 +156,24 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 	if err := r.protocols.Validate(); err != nil {
 		return r, fmt.Errorf("server: %w: Protocols: %v", ErrInvalidConfig, err)
 	}
-	register, err := coord.MembershipOnLease(n.cfg.Client, n.cfg.Prefix, coord.ServerRecord{
+	r.record = coord.ServerRecord{
 		ServerID:  n.cfg.ServerID,
 		Control:   r.control,
 		Protocols: r.protocols,
 		StartedAt: time.Now().UTC(),
 		Software:  Version,
-	})
-	if err != nil {
+		Weight:    n.cfg.Weight,
+	}
+	if _, err := r.record.Encode(); err != nil {
 		return r, err
+	}
+	// Each new lease registers the record as it is then (cordoned or not).
+	register := func(ctx context.Context, lease clientv3.LeaseID) error {
+		reg, err := coord.MembershipOnLease(n.cfg.Client, n.cfg.Prefix, n.record(r))
+		if err != nil {
+			return err
+		}
+		return reg(ctx, lease)
 	}
 	var sessionReg prometheus.Registerer
 	if n.cfg.Registerer != nil {

@@ -94,17 +94,17 @@ func (d *Discovery) rankedServers(ctx context.Context, exclude string) []string 
 		return nil
 	}
 	byID := map[string]string{}
-	var ids []string
+	var servers []coord.ServerRecord
 	for _, kv := range resp.Kvs {
 		rec, err := coord.DecodeServerRecord(kv.Value)
-		if err != nil || rec.ServerID == exclude {
+		if err != nil {
 			continue
 		}
 		byID[rec.ServerID] = rec.Control.URL()
-		ids = append(ids, rec.ServerID)
+		servers = append(servers, rec)
 	}
 	var out []string
-	for _, id := range coord.Rank(d.AppID(), ids) {
+	for _, id := range coord.RankWeighted(d.AppID(), coord.Placement(servers, exclude)) {
 		out = append(out, byID[id])
 	}
 	return out
