@@ -320,7 +320,13 @@ func TestNodeExampleDialsTLSAndAuthFromItsFlags(t *testing.T) {
 	go func() { exited <- cmd.Wait() }()
 	defer func() {
 		cmd.Process.Signal(syscall.SIGTERM)
-		<-exited
+		select {
+		case <-exited:
+		case <-time.After(15 * time.Second):
+			t.Error("node did not exit within 15 s of SIGTERM")
+			cmd.Process.Kill()
+			<-exited
+		}
 	}()
 	started := make(chan string, 1)
 	go func() {

@@ -54,7 +54,12 @@ func TestNodesAndWorkersSpeakHTTPS(t *testing.T) {
 	if _, err := a.Elector().Elect(ctx, app.ID, coord.ProtocolHTTP, ""); err != nil {
 		t.Fatal(err)
 	}
-	token, _ := a.Elector().Token(app.ID)
+	var token int64
+	testutil.Eventually(t, 5*time.Second, "a to act for the app", func() bool {
+		var ok bool
+		token, ok = a.Elector().Token(app.ID)
+		return ok
+	})
 	if p := a.Protocols()[coord.ProtocolHTTP]; !p.TLS {
 		t.Errorf("a's HTTP transport (its control endpoint) does not say TLS: %+v", p)
 	}

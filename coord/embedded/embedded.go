@@ -35,8 +35,8 @@ type Config struct {
 	// Members is the number of etcd members: 1 (default) or 3.
 	Members int
 	// FastTimings makes the cluster suitable for tests: a 10 ms heartbeat,
-	// a 100 ms election timeout and no fsync, so leases can be as short as
-	// 1 s. Default false: etcd's own timings (100 ms heartbeat, 1 s
+	// a 100 ms election timeout, no fsync and the cheapest password
+	// hashing, so leases can be as short as 1 s. Default false: etcd's own timings (100 ms heartbeat, 1 s
 	// election timeout, fsync), with which etcd grants no lease below 2 s.
 	FastTimings bool
 	// Logger receives etcd's own logs at LogLevel and above. Nil discards

@@ -25,6 +25,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap/zapcore"
+	"golang.org/x/crypto/bcrypt"
 )
 
 // Config configures an in-process etcd cluster.
@@ -41,8 +42,8 @@ type Config struct {
 	// Members is the number of etcd members: 1 (default) or 3.
 	Members int
 	// FastTimings makes the cluster suitable for tests: a 10 ms heartbeat,
-	// a 100 ms election timeout and no fsync, so leases can be as short as
-	// 1 s. Default false: etcd's own timings (100 ms heartbeat, 1 s
+	// a 100 ms election timeout, no fsync and the cheapest password
+	// hashing, so leases can be as short as 1 s. Default false: etcd's own timings (100 ms heartbeat, 1 s
 	// election timeout, fsync), with which etcd grants no lease below 2 s.
 	FastTimings bool
 	// Logger receives etcd's own logs at LogLevel and above. Nil discards
@@ -275,6 +276,10 @@ func (e *Cluster) startMember(m *member, initialCluster string) error {
 		c.TickMs = 10
 		c.ElectionMs = 100
 		c.UnsafeNoFsync = true
+		// Password users log in at every stream their client opens: at
+		// bcrypt's default cost (and under the race detector) that alone
+		// can take longer than a 1 s lease.
+		c.BcryptCost = uint(bcrypt.MinCost)
 	}
 	etcd, err := embed.StartEtcd(c)
 	if err != nil {
