@@ -51,8 +51,9 @@
 // # Successors and handover
 //
 // When an owner key is deleted, the live server that ranks first for the
-// app by rendezvous hashing (coord.Successor), not counting the server
-// that just left, elects itself at once — no worker has to ask. Resign
+// app by weighted rendezvous hashing (coord.RankWeighted over the
+// membership records' placement weights; a cordoned server weighs 0), not
+// counting the server that just left, elects itself at once — no worker has to ask. Resign
 // ends the ownership first and then deletes the key. HandOver ends it and
 // then writes the successor's owner record over its own, bound to the
 // successor's lease and naming the token it replaces (HandedOverFrom): the
@@ -62,6 +63,27 @@
 // 64 to a Txn, and waits for the successors. An ownership still held back
 // by a marker is handed on at once: the marker holds its successor back
 // in turn.
+//
+// # Placement
+//
+// Elect makes the asked server the owner of an app nobody owns, as
+// PowerJob does; workers all asking the first server of one list then pile
+// every app on it. Place puts the app on its preferred live server
+// instead: the asked server pings the servers in the app's weighted rank
+// and, for the first that answers as itself, writes that server's owner
+// record, bound to that server's lease (read from its membership key),
+// in the very Txn an election writes its own: under the app's mutex,
+// guarded by the owner key's ModRevision as read, with the displaced
+// owner's marker when it overwrites a live key. Nothing else changes: the
+// placed server owns any key naming it under its lease, and acts once its
+// own watch shows the key and no marker — as after a handover, but with
+// no HandedOverFrom, since nobody handed anything. If its lease ended in
+// between, the put fails and the election is retried. A server that is
+// resigning the app (it gave it up less than 2×TTL ago) passes a key
+// placed on it on to its successor, so that no key names an owner that
+// will not act. The asked server answers the worker with the placed
+// server's address at once. Placing rather than electing-then-handing-
+// over costs one write, and the asked server never acts for the app.
 //
 // # Callbacks
 //

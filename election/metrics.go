@@ -26,7 +26,7 @@ func newMetrics(reg prometheus.Registerer, serverID string) (*metrics, error) {
 	m := &metrics{
 		elections: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "baton", Subsystem: "election", Name: "elections_total",
-			Help: "Elections run by this server (not fast-path answers), by outcome: won, other_owner, failed.", ConstLabels: labels,
+			Help: "Elections run by this server (not fast-path answers), by outcome: won, placed (on another server), other_owner, failed.", ConstLabels: labels,
 		}, []string{"outcome"}),
 		takeovers: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "baton", Subsystem: "election", Name: "takeovers_total",
