@@ -258,11 +258,8 @@ func TestBreakWorkerRoleResyncAndRefusals(t *testing.T) {
 	_, err = wrk.Delete(ctx, keys.ServerPrefix(), clientv3.WithPrefix())
 	denied("delete the membership keys", err)
 	wctx, wcancel := context.WithTimeout(ctx, 5*time.Second)
-	for resp := range wrk.Watch(wctx, s.prefix+"/locks/", clientv3.WithPrefix()) {
-		if resp.Err() == nil || !strings.Contains(resp.Err().Error(), "permission denied") {
-			t.Errorf("worker: watch the mutex keys: %v (canceled %v), want etcd's permission error", resp.Err(), resp.Canceled)
-		}
-		break
+	if resp, ok := <-wrk.Watch(wctx, s.prefix+"/locks/", clientv3.WithPrefix()); !ok || resp.Err() == nil || !strings.Contains(resp.Err().Error(), "permission denied") {
+		t.Errorf("worker: watch the mutex keys: %v (answered %v, canceled %v), want etcd's permission error", resp.Err(), ok, resp.Canceled)
 	}
 	wcancel()
 }
@@ -313,11 +310,8 @@ func TestBreakServerRoleStaysInsideItsPrefix(t *testing.T) {
 	_, err = srv.Txn(ctx).Then(clientv3.OpTxn(nil, []clientv3.Op{clientv3.OpPut("/sec2/x", "y")}, nil)).Commit()
 	denied("a nested Txn writing outside", err)
 	wctx, wcancel := context.WithTimeout(ctx, 5*time.Second)
-	for resp := range srv.Watch(wctx, "/sec2/", clientv3.WithPrefix()) {
-		if resp.Err() == nil || !strings.Contains(resp.Err().Error(), "permission denied") {
-			t.Errorf("server: watch /sec2/: %v, want etcd's permission error", resp.Err())
-		}
-		break
+	if resp, ok := <-srv.Watch(wctx, "/sec2/", clientv3.WithPrefix()); !ok || resp.Err() == nil || !strings.Contains(resp.Err().Error(), "permission denied") {
+		t.Errorf("server: watch /sec2/: %v (answered %v), want etcd's permission error", resp.Err(), ok)
 	}
 	wcancel()
 
