@@ -608,11 +608,17 @@ func TestBreakExpiredSimpleTokens(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	owner := func() (*server.Node, *server.Node) {
-		if _, acting := a.Elector().Ownership(app.ID); acting {
-			return a, b
-		}
-		return b, a
+	owner := func() (o, other *server.Node) {
+		testutil.Eventually(t, 10*time.Second, "a or b to act for the app", func() bool {
+			for _, pair := range [][2]*server.Node{{a, b}, {b, a}} {
+				if _, acting := pair[0].Elector().Ownership(app.ID); acting {
+					o, other = pair[0], pair[1]
+					return true
+				}
+			}
+			return false
+		})
+		return o, other
 	}
 	for i := 0; i < 3; i++ {
 		idle := time.Now()

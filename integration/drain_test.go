@@ -24,7 +24,7 @@ import (
 // node now never runs that callback (server's registerUnlessStopping).
 func TestDrainCutOffPastItsTTLStaysOutOfMembership(t *testing.T) {
 	c := newCluster(t, time.Second)
-	c.args = []string{"-admin-token", randomAdminToken}
+	c.args = []string{"-admin-token", randomAdminToken, "-balance=false"} // n1 takes every app it is asked for
 	n1 := c.start("n1")
 	c.start("n2")
 	apps := c.register(3)

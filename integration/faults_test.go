@@ -25,6 +25,7 @@ const slack = 3 * time.Second
 
 func setup(t *testing.T) (*cluster, []*proc, []int64) {
 	c := newCluster(t, ttl)
+	c.args = append(c.args, "-balance=false") // n1 takes every app it is asked for
 	ps := []*proc{c.start("n1"), c.start("n2"), c.start("n3")}
 	apps := c.register(10)
 	c.ownAll(ps[0], apps)

@@ -50,6 +50,8 @@ func main() {
 		pingTimeout = flag.Duration("ping-timeout", 0, "how long a ping of another server may take (0: the elector's default)")
 		embed       = flag.Bool("embedded", false, "run an etcd inside this process instead of dialing -etcd (a demo of one)")
 		metrics     = flag.String("metrics", "", "serve Prometheus metrics at http://ADDR/metrics (default: none)")
+		balance     = flag.Bool("balance", true, "place apps nobody owns on their preferred live server (false: on the server the worker asked, as PowerJob does)")
+		weight      = flag.Float64("weight", 1, "this server's share of apps relative to the others' when balancing")
 		tlsCert     = flag.String("tls-cert", "", "serve baton's endpoints over HTTPS with this certificate (PEM), with -tls-key")
 		tlsKey      = flag.String("tls-key", "", "key of -tls-cert (PEM)")
 		tlsCA       = flag.String("tls-ca", "", "CA (PEM) that signed the other servers' -tls-cert, for pinging them (default: the system's roots)")
@@ -82,7 +84,7 @@ Usage: node [flags]
 		os.Exit(2)
 	}
 	err = withEtcd(logger, *embed, strings.Split(*etcd, ","), func(endpoints []string) error {
-		wire := wireTLS{cert: *tlsCert, key: *tlsKey, ca: *tlsCA}
+		wire := wireTLS{cert: *tlsCert, key: *tlsKey, ca: *tlsCA, balance: *balance, weight: *weight}
 		return run(logger, endpoints, security, wire, *metrics, *listen, *advertise, *external, protocols, *id, *ttl, *pingTimeout, *prefix, *apps, *adminToken)
 	})
 	if err != nil {
@@ -159,12 +161,18 @@ func parseTransports(s string) (coord.Protocols, error) {
 	return out, out.Validate()
 }
 
-// wireTLS is the node's HTTPS setup: its certificate and the CA it trusts
-// for its peers.
-type wireTLS struct{ cert, key, ca string }
+// wireTLS is the node's HTTPS setup (its certificate and the CA it trusts
+// for its peers) and its placement (balance, weight).
+type wireTLS struct {
+	cert, key, ca string
+	balance       bool
+	weight        float64
+}
 
-// apply sets cfg.TLS and cfg.HTTPClient when a certificate is given.
+// apply sets cfg's placement, and its TLS and HTTPClient when a
+// certificate is given.
 func (w wireTLS) apply(cfg *server.Config) error {
+	cfg.Balance, cfg.Weight = w.balance, w.weight
 	if w.cert == "" && w.key == "" {
 		return nil
 	}
