@@ -121,25 +121,7 @@ func DialConfig(ctx context.Context, cfg clientv3.Config) (*clientv3.Client, err
 // connection has been failing for a second and no endpoint accepts a TCP
 // connection, or every endpoint refuses the client's TLS.
 func failIfUnreachable(probe context.Context, stop context.CancelCauseFunc, cli *clientv3.Client, endpoints []string, tlsCfg *tls.Config) {
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-	var failingSince time.Time
-	for {
-		select {
-		case <-probe.Done():
-			return
-		case <-tick.C:
-		}
-		if cli.ActiveConnection().GetState() != connectivity.TransientFailure {
-			failingSince = time.Time{}
-			continue
-		}
-		if failingSince.IsZero() {
-			failingSince = time.Now()
-		}
-		if time.Since(failingSince) < time.Second {
-			continue
-		}
+	err := whileFailing(probe, cli, func(*grpc.ClientConn) error {
 		var errs []error
 		for _, ep := range endpoints {
 			host := ep
@@ -154,12 +136,44 @@ func failIfUnreachable(probe context.Context, stop context.CancelCauseFunc, cli 
 			errs = append(errs, err)
 		}
 		if len(errs) == len(endpoints) {
-			stop(fmt.Errorf("coord: cannot reach etcd at %v: %w", endpoints, errors.Join(errs...)))
-			return
+			return fmt.Errorf("coord: cannot reach etcd at %v: %w", endpoints, errors.Join(errs...))
 		}
 		if err := tlsRefusal(probe, endpoints, tlsCfg, true); err != nil {
-			stop(fmt.Errorf("coord: etcd at %v: %w", endpoints, err))
-			return
+			return fmt.Errorf("coord: etcd at %v: %w", endpoints, err)
+		}
+		return nil
+	})
+	if err != nil {
+		stop(err)
+	}
+}
+
+// whileFailing calls diagnose every 100 ms while cli's connection has
+// been failing (gRPC's TransientFailure) for a second or more, until ctx
+// ends (nil) or diagnose finds the cause (its error).
+func whileFailing(ctx context.Context, cli *clientv3.Client, diagnose func(*grpc.ClientConn) error) error {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	var failingSince time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+		conn := cli.ActiveConnection()
+		if conn.GetState() != connectivity.TransientFailure {
+			failingSince = time.Time{}
+			continue
+		}
+		if failingSince.IsZero() {
+			failingSince = time.Now()
+		}
+		if time.Since(failingSince) < time.Second {
+			continue
+		}
+		if err := diagnose(conn); err != nil {
+			return err
 		}
 	}
 }
@@ -261,33 +275,17 @@ func tlsAccepted(ctx context.Context, host string, cfg *tls.Config, verdict bool
 // trust): waiting longer cannot help. Other failures (etcd down, the
 // network) are left to ctx.
 func stopOnHandshakeFailure(ctx context.Context, stop context.CancelCauseFunc, cli *clientv3.Client) {
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-	var failingSince time.Time
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-		conn := cli.ActiveConnection()
-		if conn.GetState() != connectivity.TransientFailure {
-			failingSince = time.Time{}
-			continue
-		}
-		if failingSince.IsZero() {
-			failingSince = time.Now()
-		}
-		if time.Since(failingSince) < time.Second {
-			continue
-		}
+	err := whileFailing(ctx, cli, func(conn *grpc.ClientConn) error {
 		// A fail-fast call on a failing connection returns the error of
 		// its last attempt to connect.
 		_, err := pb.NewMaintenanceClient(conn).Status(ctx, &pb.StatusRequest{}, grpc.WaitForReady(false))
 		if status.Code(err) == codes.Unavailable && isTLSRefusal(err.Error()) {
-			stop(fmt.Errorf("coord: etcd at %v refuses this client's TLS: %w", cli.Endpoints(), err))
-			return
+			return fmt.Errorf("coord: etcd at %v refuses this client's TLS: %w", cli.Endpoints(), err)
 		}
+		return nil
+	})
+	if err != nil {
+		stop(err)
 	}
 }
 

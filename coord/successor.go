@@ -18,28 +18,11 @@ import (
 // decimal appID); ties (never seen in practice) go to the smaller id. The
 // input slice is not modified.
 func Rank(appID int64, serverIDs []string) []string {
-	type scored struct {
-		id    string
-		score uint64
-	}
-	s := make([]scored, len(serverIDs))
+	servers := make([]Weighted, len(serverIDs))
 	for i, id := range serverIDs {
-		s[i] = scored{id, weight(appID, id)}
+		servers[i] = Weighted{ID: id, Weight: 1} // equal weights: the hash's order
 	}
-	slices.SortFunc(s, func(a, b scored) int {
-		if a.score != b.score {
-			if a.score > b.score {
-				return -1
-			}
-			return 1
-		}
-		return strings.Compare(a.id, b.id)
-	})
-	out := make([]string, len(s))
-	for i := range s {
-		out[i] = s[i].id
-	}
-	return out
+	return RankWeighted(appID, servers)
 }
 
 // Successor returns the server id Rank puts first, or false when there

@@ -76,13 +76,16 @@ func weighted(ids []string, weights ...float64) []coord.Weighted {
 	return out
 }
 
-// With equal weights RankWeighted is Rank: switching to it changes no
-// placement until weights differ.
-func TestRankWeightedWithEqualWeightsIsRank(t *testing.T) {
+// With equal weights RankWeighted (which Rank now is) puts first the
+// server of the highest hash, as Successor, computed separately, does:
+// switching to weights changes no placement until weights differ.
+// TestRankWeightsArePinned pins the rest of the order.
+func TestRankWeightedWithEqualWeightsKeepsTheHashOrder(t *testing.T) {
 	ids := []string{"s1", "s2", "s3", "s4", "s5"}
 	for app := int64(1); app <= 5000; app++ {
-		if got, want := coord.RankWeighted(app, weighted(ids, 3)), coord.Rank(app, ids); !slices.Equal(got, want) {
-			t.Fatalf("app %d: RankWeighted %v, Rank %v", app, got, want)
+		want, _ := coord.Successor(app, ids)
+		if got := coord.RankWeighted(app, weighted(ids, 3)); got[0] != want {
+			t.Fatalf("app %d: RankWeighted puts %s first, Successor says %s", app, got[0], want)
 		}
 	}
 }
