@@ -18,6 +18,7 @@ start=$(date +%s)
 	go test ./integration -run '^$' -bench 'CrashFailover|GracefulHandover' -benchtime 20x -count 1 -timeout 30m
 	go test ./integration -run '^$' -bench 'ColdStart|Memory|SteadyState' -benchtime 1x -count 1 -timeout 20m
 	go test ./integration -run '^$' -bench 'LeaderLossStorm' -benchtime 5x -count 1 -timeout 20m
+	go test ./integration -run '^$' -bench 'Placement' -benchtime 1x -count 3 -timeout 20m
 } 2>&1 | grep -E '^(Benchmark|ok|FAIL|goos|goarch|cpu|pkg)' | tee "$out"
 echo
 echo "== table (one line per benchmark: its own metrics; $(( $(date +%s) - start )) s in all)"
