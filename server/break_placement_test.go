@@ -10,7 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/etcdcluster"
@@ -268,5 +270,59 @@ func TestBreakCordonedAskedServerStillPlacesElsewhere(t *testing.T) {
 		if want := preferred(app, list[1:], nil); id != want {
 			t.Errorf("app %d on %s, want %s", app, id, want)
 		}
+	}
+}
+
+// Deterministic form of the race above: the registration of a new lease
+// has read the record (uncordoned) and its Txn is on its way, slow (held
+// 200 ms before it leaves, as a slow link would); Cordon runs meanwhile.
+// Its rewrite, compared against the new lease, finds no key yet and
+// writes nothing ("the next registration carries the change") — but the
+// registration in flight carries the old state. The record must end up
+// cordoned.
+func TestBreakCordonDuringASlowRegistration(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	keys, _ := keyspace.New("")
+	key, _ := keys.Server("a")
+	var armed, inFlight = make(chan struct{}, 1), make(chan struct{}, 1)
+	cfg := coord.ClientConfig(e.Endpoints(), testutil.Logger(t))
+	cfg.DialOptions = append(cfg.DialOptions, grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if r, ok := req.(*etcdserverpb.TxnRequest); ok && len(r.Compare) == 1 && string(r.Compare[0].Key) == key && r.Compare[0].Target == etcdserverpb.Compare_CREATE {
+			select {
+			case <-armed:
+				inFlight <- struct{}{}
+				time.Sleep(200 * time.Millisecond) // the slow link, not a wait for a condition
+			default:
+			}
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}))
+	cli, err := clientv3.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	n := startNode(t, e, "a", func(c *server.Config) { c.Client = cli })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	armed <- struct{}{}
+	old := n.Session().Lease()
+	if _, err := e.Client().Revoke(ctx, old); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-inFlight:
+	case <-ctx.Done():
+		t.Fatal("no new registration")
+	}
+	if err := n.Cordon(ctx); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 10*time.Second, "a to register under its new lease", func() bool {
+		_, lease, ok := membership(t, e, "a")
+		return ok && lease == n.Session().Lease() && lease != old
+	})
+	if rec, _, _ := membership(t, e, "a"); !rec.Cordoned || !n.Cordoned() {
+		t.Errorf("Cordon returned nil during the new lease's registration: Cordoned() = %v, but the record under the new lease says cordoned = %v", n.Cordoned(), rec.Cordoned)
 	}
 }
