@@ -42,6 +42,7 @@ type Elector struct {
 	watchMD atomic.Pointer[metadata.MD] // the open owner watch's stream metadata; nil while it restarts
 	rewatch chan struct{}               // capacity 1: start the owner watch afresh
 	loops   sync.WaitGroup              // watch, epoch and takeover loops
+	passOns sync.WaitGroup              // keys being passed on (passOnIfUnwanted), also in loops
 	calls   sync.WaitGroup              // callback runners
 
 	mu      sync.Mutex
@@ -450,8 +451,10 @@ func (e *Elector) passOnIfUnwanted(app int64, k ownerKey) bool {
 	token := k.modRev
 	e.logger.Info("an owner key naming this server appeared while it closes or resigns the app; passing the app on", "app_id", app)
 	e.loops.Add(1)
+	e.passOns.Add(1)
 	go func() {
 		defer e.loops.Done()
+		defer e.passOns.Done()
 		if err := e.releaseOrOwe(e.ctx, map[int64]int64{app: token}); err != nil {
 			e.logger.Warn("passing on a handed-over app failed; the lease's end will free it", "app_id", app, "error", err)
 		}

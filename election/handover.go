@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -283,16 +284,54 @@ func (e *Elector) handOverAll(ctx context.Context) error {
 	if e.successor(0, e.cfg.ServerID) == "" {
 		return nil // nobody to hand over to; the keys are gone, workers will ask
 	}
-	_, err = e.waitForOthers(ctx, tokens)
-	return err
+	if _, err = e.waitForOthers(ctx, tokens); err != nil {
+		return err
+	}
+	return e.passOnLate(ctx, tokens)
 }
 
-// handedButUnseen returns the apps (app → token) that another server has
-// handed to this one, under its current lease, which are not in known —
-// handovers this server's watch has not shown yet. A server that drains
-// just after a peer handed it an app (its watch can lag by milliseconds,
-// or by its catch-up after a restart) would otherwise leave that app's key
-// naming it, with nobody acting, until its lease ends.
+// passOnLate hands on keys naming this server that appeared during the
+// drain after its read of the owner keys: an election or a placement on
+// this server that was in flight when the drain began (Place on another
+// server read the membership before this one left it). Those the watch
+// delivered are being passed on already (passOnIfUnwanted), and are
+// waited for; a last read finds any it has not delivered yet.
+func (e *Elector) passOnLate(ctx context.Context, done map[int64]int64) error {
+	for range 2 {
+		if err := waitGroupCtx(ctx, &e.passOns); err != nil {
+			return err
+		}
+		late, err := e.handedButUnseen(ctx, done)
+		if err != nil || len(late) == 0 {
+			return err
+		}
+		maps.Copy(done, late)
+		if err := e.releaseOrOwe(ctx, late); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// waitGroupCtx waits for wg, or until ctx ends.
+func waitGroupCtx(ctx context.Context, wg *sync.WaitGroup) error {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// handedButUnseen returns the apps (app → token) whose owner key names
+// this server under its current lease and which are not in known: keys
+// handed or placed on it, or written by its own elections, that its watch
+// has not shown yet. A server that drains just after a peer handed or
+// placed it an app (its watch can lag by milliseconds, or by its catch-up
+// after a restart) would otherwise leave that app's key naming it, with
+// nobody acting, until its lease ends.
 func (e *Elector) handedButUnseen(ctx context.Context, known map[int64]int64) (map[int64]int64, error) {
 	resp, err := e.cli.Get(ctx, e.keys.OwnerPrefix(), clientv3.WithPrefix())
 	if err != nil {
@@ -311,7 +350,7 @@ func (e *Elector) handedButUnseen(ctx context.Context, known map[int64]int64) (m
 		if _, ok := known[app]; ok {
 			continue
 		}
-		if rec, err := coord.DecodeOwnerRecord(kv.Value); err == nil && rec.ServerID == e.cfg.ServerID && rec.HandedOverFrom != 0 {
+		if rec, err := coord.DecodeOwnerRecord(kv.Value); err == nil && rec.ServerID == e.cfg.ServerID {
 			unseen[app] = kv.ModRevision
 		}
 	}

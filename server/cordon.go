@@ -32,6 +32,11 @@ func (n *Node) setCordoned(ctx context.Context, cordoned bool) error {
 	if r == nil {
 		return errors.New("server: not started")
 	}
+	unlock, err := n.lockMembership(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	n.cordoned.Store(cordoned)
 	if n.stopping.Load() {
 		return nil // a stopping node never rewrites its membership
@@ -57,7 +62,10 @@ func (n *Node) setCordoned(ctx context.Context, cordoned bool) error {
 		return fmt.Errorf("server: rewrite membership: %w", err)
 	}
 	if !resp.Succeeded {
-		n.logger.Info("membership key not under the current lease; the next registration carries the change", "cordoned", cordoned)
+		// A registration of a newer lease has not run yet (it would
+		// have finished first: it holds the same lock); it will write
+		// the state just set.
+		n.logger.Info("membership key not under the current lease; its registration carries the change", "cordoned", cordoned)
 	}
 	n.logger.Info("placement changed", "cordoned", cordoned)
 	return nil
@@ -79,5 +87,16 @@ func (n *Node) handleCordon(cordoned bool) func(http.ResponseWriter, *http.Reque
 			return
 		}
 		ok(w, map[string]bool{"cordoned": cordoned})
+	}
+}
+
+// lockMembership takes the membership write lock, or fails when ctx ends
+// first; call the returned function to release it.
+func (n *Node) lockMembership(ctx context.Context) (func(), error) {
+	select {
+	case n.membership <- struct{}{}:
+		return func() { <-n.membership }, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
 }

@@ -44,6 +44,10 @@ type Node struct {
 	stopping atomic.Bool
 	// cordoned: placement weight 0 (Cordon).
 	cordoned atomic.Bool
+	// membership serializes the writes of the membership record (a new
+	// lease's registration, Cordon, Uncordon), so that the record etcd
+	// ends with is the state set last: a one-slot semaphore.
+	membership chan struct{}
 
 	mu      sync.Mutex
 	started bool
@@ -82,12 +86,13 @@ func NewNode(cfg Config) (*Node, error) {
 	keys, _ := keyspace.New(cfg.Prefix)                      // validated by withDefaults
 	registry, _ := coord.NewRegistry(cfg.Client, cfg.Prefix) // the same
 	n := &Node{
-		cfg:      cfg,
-		keys:     keys,
-		registry: registry,
-		apps:     newAppCache(),
-		checks:   newRateLimit(connectivityRate),
-		logger:   cfg.Logger.Named("server").With("server_id", cfg.ServerID),
+		cfg:        cfg,
+		keys:       keys,
+		registry:   registry,
+		apps:       newAppCache(),
+		checks:     newRateLimit(connectivityRate),
+		membership: make(chan struct{}, 1),
+		logger:     cfg.Logger.Named("server").With("server_id", cfg.ServerID),
 	}
 	n.handler = n.routes()
 	return n, nil
@@ -167,8 +172,14 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 	if _, err := r.record.Encode(); err != nil {
 		return r, err
 	}
-	// Each new lease registers the record as it is then (cordoned or not).
+	// Each new lease registers the record as it is then (cordoned or
+	// not), one membership write at a time (see setCordoned).
 	register := func(ctx context.Context, lease clientv3.LeaseID) error {
+		unlock, err := n.lockMembership(ctx)
+		if err != nil {
+			return err
+		}
+		defer unlock()
 		reg, err := coord.MembershipOnLease(n.cfg.Client, n.cfg.Prefix, n.record(r))
 		if err != nil {
 			return err
