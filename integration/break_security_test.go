@@ -15,6 +15,7 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
+	"golang.org/x/crypto/bcrypt"
 
 	"github.com/batonhq/baton/coord"
 	"github.com/batonhq/baton/internal/keyspace"
@@ -529,6 +530,7 @@ func startEtcdWithTokenTTL(t *testing.T, ttl uint) (endpoint string, root *clien
 	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
 	cfg.InitialCluster = "m0=" + pu.String()
 	cfg.TickMs, cfg.ElectionMs, cfg.UnsafeNoFsync = 10, 100, true
+	cfg.BcryptCost = uint(bcrypt.MinCost) // password users log in at every stream (see etcdcluster)
 	cfg.AuthTokenTTL = ttl
 	cfg.LogLevel = "error"
 	e, err := embed.StartEtcd(cfg)
