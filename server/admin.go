@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -19,6 +20,7 @@ func (n *Node) adminRoutes(mux *http.ServeMux) {
 	route(mux, "/admin/owners", n.admin(n.handleOwners), http.MethodGet)
 	route(mux, "/admin/handover", n.admin(n.handleHandOver), http.MethodPost)
 	route(mux, "/admin/drain", n.admin(n.handleDrain), http.MethodPost)
+	route(mux, "/admin/servers", n.admin(n.handleServers), http.MethodGet)
 	route(mux, "/admin/cordon", n.admin(n.handleCordon(true)), http.MethodPost)
 	route(mux, "/admin/uncordon", n.admin(n.handleCordon(false)), http.MethodPost)
 }
@@ -90,6 +92,40 @@ func (n *Node) handleOwners(w http.ResponseWriter, r *http.Request, _ *running) 
 		owners = append(owners, owner{AppID: app, ServerID: rec.ServerID, Token: kv.ModRevision})
 	}
 	ok(w, owners)
+}
+
+// serverRow is one row of /admin/servers: a live server, its placement,
+// and how many apps its owner keys name.
+type serverRow struct {
+	ServerID string         `json:"serverId"`
+	Control  coord.Endpoint `json:"control"`
+	Weight   float64        `json:"weight"`
+	Cordoned bool           `json:"cordoned"`
+	Apps     int            `json:"apps"`
+}
+
+// handleServers lists the live servers with their weights and the apps
+// each owns (from one read of the owner keys), in id order.
+func (n *Node) handleServers(w http.ResponseWriter, r *http.Request, run *running) {
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	defer cancel()
+	resp, err := n.cfg.Client.Get(ctx, n.keys.OwnerPrefix(), clientv3.WithPrefix())
+	if err != nil {
+		failed(w, err.Error())
+		return
+	}
+	apps := map[string]int{}
+	for _, kv := range resp.Kvs {
+		if rec, err := coord.DecodeOwnerRecord(kv.Value); err == nil {
+			apps[rec.ServerID]++
+		}
+	}
+	rows := []serverRow{}
+	for _, s := range run.elector.Members().Servers() {
+		rows = append(rows, serverRow{ServerID: s.ServerID, Control: s.Control, Weight: s.PlacementWeight(), Cordoned: s.Cordoned, Apps: apps[s.ServerID]})
+	}
+	slices.SortFunc(rows, func(a, b serverRow) int { return strings.Compare(a.ServerID, b.ServerID) })
+	ok(w, rows)
 }
 
 func (n *Node) handleHandOver(w http.ResponseWriter, r *http.Request, run *running) {

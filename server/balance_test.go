@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"net/url"
 	"strconv"
 	"testing"
@@ -154,5 +155,54 @@ func TestBalanceSkipsCordonedAndSilentServers(t *testing.T) {
 	}
 	if onC == 0 {
 		t.Errorf("no app placed on the uncordoned c: %v", ranked)
+	}
+}
+
+// A weight changed at runtime is in the membership record at once, new
+// apps follow it, and /admin/servers shows each server's weight, cordon
+// and apps.
+func TestSetWeightAndAdminServers(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	var nodes []*server.Node
+	for _, id := range []string{"a", "b"} {
+		nodes = append(nodes, startNode(t, e, id, func(c *server.Config) { c.AdminToken = "t" }))
+	}
+	a, b := nodes[0], nodes[1]
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := b.SetWeight(ctx, 0); err == nil {
+		t.Error("SetWeight(0) accepted: cordon is the way to weigh nothing")
+	}
+	if err := b.SetWeight(ctx, 3); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 5*time.Second, "a to see b's weight 3", func() bool {
+		rec, ok := a.Elector().Members().Get("b")
+		return ok && rec.Weight == 3
+	})
+	owners := placedOwners(t, a, nodes, 40)
+	for app, id := range owners {
+		if want := preferred(app, nodes, map[string]float64{"b": 3}); id != want {
+			t.Errorf("app %d placed on %s; with b weighing 3 its preferred server is %s", app, id, want)
+		}
+	}
+	r := newWorker(t).do(http.MethodGet, a.Addr(), "/admin/servers", nil, http.Header{"Authorization": {"Bearer t"}})
+	var rows []struct {
+		ServerID string  `json:"serverId"`
+		Weight   float64 `json:"weight"`
+		Cordoned bool    `json:"cordoned"`
+		Apps     int     `json:"apps"`
+	}
+	if err := json.Unmarshal(r.data, &rows); err != nil || !r.success || len(rows) != 2 {
+		t.Fatalf("/admin/servers: %v %s (%v)", r.success, r.data, err)
+	}
+	count := map[string]int{}
+	for _, id := range owners {
+		count[id]++
+	}
+	for _, row := range rows {
+		if row.Apps != count[row.ServerID] || row.ServerID == "b" && row.Weight != 3 || row.ServerID == "a" && row.Weight != 1 {
+			t.Errorf("/admin/servers row %+v; owners say %d apps", row, count[row.ServerID])
+		}
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"time"
 
@@ -27,7 +28,24 @@ func (n *Node) Uncordon(ctx context.Context) error { return n.setCordoned(ctx, f
 // Cordoned reports whether the node is cordoned.
 func (n *Node) Cordoned() bool { return n.cordoned.Load() }
 
+// SetWeight changes this server's placement weight (Config.Weight) the way
+// Cordon changes its cordon: in its membership record, in place. It must
+// be a positive number.
+func (n *Node) SetWeight(ctx context.Context, weight float64) error {
+	if weight <= 0 || math.IsNaN(weight) || math.IsInf(weight, 0) {
+		return fmt.Errorf("server: %w: weight (%v) must be a positive number", ErrInvalidConfig, weight)
+	}
+	return n.rewriteMembership(ctx, func(r *running) { r.weight.Store(math.Float64bits(weight)) })
+}
+
 func (n *Node) setCordoned(ctx context.Context, cordoned bool) error {
+	return n.rewriteMembership(ctx, func(*running) { n.cordoned.Store(cordoned) })
+}
+
+// rewriteMembership applies change to the node's placement state and
+// rewrites its membership record to match, one membership write at a
+// time.
+func (n *Node) rewriteMembership(ctx context.Context, change func(*running)) error {
 	r := n.run.Load()
 	if r == nil {
 		return errors.New("server: not started")
@@ -37,7 +55,7 @@ func (n *Node) setCordoned(ctx context.Context, cordoned bool) error {
 		return err
 	}
 	defer unlock()
-	n.cordoned.Store(cordoned)
+	change(r)
 	if n.stopping.Load() {
 		return nil // a stopping node never rewrites its membership
 	}
@@ -65,9 +83,9 @@ func (n *Node) setCordoned(ctx context.Context, cordoned bool) error {
 		// A registration of a newer lease has not run yet (it would
 		// have finished first: it holds the same lock); it will write
 		// the state just set.
-		n.logger.Info("membership key not under the current lease; its registration carries the change", "cordoned", cordoned)
+		n.logger.Info("membership key not under the current lease; its registration carries the change", "cordoned", rec.Cordoned, "weight", rec.Weight)
 	}
-	n.logger.Info("placement changed", "cordoned", cordoned)
+	n.logger.Info("placement changed", "cordoned", rec.Cordoned, "weight", rec.Weight)
 	return nil
 }
 
@@ -75,6 +93,7 @@ func (n *Node) setCordoned(ctx context.Context, cordoned bool) error {
 func (n *Node) record(r *running) coord.ServerRecord {
 	rec := r.record
 	rec.Cordoned = n.cordoned.Load()
+	rec.Weight = math.Float64frombits(r.weight.Load())
 	return rec
 }
 

@@ -33,8 +33,9 @@
 // With Config.AdminToken set, requests carrying "Authorization: Bearer
 // <token>" may also use POST /admin/apps?appName= (register), GET
 // /admin/owners, POST /admin/handover?appId=, POST /admin/drain and POST
-// /admin/cordon, /admin/uncordon (see Node.Cordon); without a token those
-// routes do not exist (404).
+// /admin/cordon, /admin/uncordon (see Node.Cordon) and GET /admin/servers
+// (the live servers, their weights and how many apps each owns); without
+// a token those routes do not exist (404).
 //
 // # PowerJob compatibility
 //

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"net"
 	"net/http"
 	"sync"
@@ -64,7 +65,8 @@ type drainResult struct {
 
 // running is what Start built; handlers read it without locks.
 type running struct {
-	record    coord.ServerRecord // the membership record, but Cordoned (n.cordoned)
+	record    coord.ServerRecord // the membership record, but Cordoned (n.cordoned) and Weight
+	weight    atomic.Uint64      // math.Float64bits of the placement weight (SetWeight)
 	started   time.Time
 	control   coord.Endpoint
 	protocols coord.Protocols
@@ -172,6 +174,7 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 	if _, err := r.record.Encode(); err != nil {
 		return r, err
 	}
+	r.weight.Store(math.Float64bits(n.cfg.Weight))
 	// Each new lease registers the record as it is then (cordoned or
 	// not), one membership write at a time (see setCordoned).
 	register := func(ctx context.Context, lease clientv3.LeaseID) error {
