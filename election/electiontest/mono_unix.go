@@ -9,7 +9,7 @@ import (
 )
 
 // anchor pairs a Go time (with its monotonic reading) with the
-// CLOCK_MONOTONIC reading taken next to it.
+// CLOCK_MONOTONIC reading of the same instant.
 var anchor = newAnchor()
 
 type pair struct {
@@ -17,7 +17,21 @@ type pair struct {
 	mono   int64
 }
 
-func newAnchor() pair { return pair{goTime: time.Now(), mono: MonoNow()} }
+// newAnchor brackets a Go reading between two CLOCK_MONOTONIC readings
+// and keeps the tightest of several tries, taking the bracket's middle: a
+// preemption between two readings would otherwise shift every stamp.
+func newAnchor() pair {
+	best, width := pair{}, int64(-1)
+	for range 20 {
+		before := MonoNow()
+		now := time.Now()
+		after := MonoNow()
+		if w := after - before; width < 0 || w < width {
+			best, width = pair{goTime: now, mono: before + w/2}, w
+		}
+	}
+	return best
+}
 
 // MonoNow returns CLOCK_MONOTONIC in nanoseconds. Unlike Go's monotonic
 // reading, whose origin is per process, it compares across the processes
