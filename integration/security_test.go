@@ -93,24 +93,7 @@ func (s *secureEtcd) dial(user string) *clientv3.Client {
 
 func (s *secureEtcd) node(id string) *server.Node {
 	s.t.Helper()
-	cfg := server.DefaultConfig()
-	cfg.Client, cfg.Prefix, cfg.ServerID, cfg.TTL, cfg.Listen = s.dial("srv-"+id), s.prefix, id, time.Second, "127.0.0.1:0"
-	cfg.Logger = testutil.Logger(s.t).Named(id)
-	n, err := server.NewNode(cfg)
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := n.Start(ctx); err != nil {
-		s.t.Fatalf("start node %s as a %s user: %v", id, coord.RoleServer, err)
-	}
-	s.t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		n.Close(ctx)
-	})
-	return n
+	return s.nodeWith(s.dial("srv-"+id), id)
 }
 
 // Under the least-privilege roles, over client-cert TLS: an election, a

@@ -72,12 +72,22 @@ type owner struct {
 }
 
 func (n *Node) handleOwners(w http.ResponseWriter, r *http.Request, _ *running) {
-	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
-	defer cancel()
-	resp, err := n.cfg.Client.Get(ctx, n.keys.OwnerPrefix(), clientv3.WithPrefix())
+	owners, err := n.readOwners(r.Context())
 	if err != nil {
 		failed(w, err.Error())
 		return
+	}
+	ok(w, owners)
+}
+
+// readOwners reads every owner key (one request, within 5 s); keys it
+// cannot decode are left out.
+func (n *Node) readOwners(ctx context.Context) ([]owner, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	resp, err := n.cfg.Client.Get(ctx, n.keys.OwnerPrefix(), clientv3.WithPrefix())
+	if err != nil {
+		return nil, err
 	}
 	owners := []owner{}
 	for _, kv := range resp.Kvs {
@@ -91,7 +101,7 @@ func (n *Node) handleOwners(w http.ResponseWriter, r *http.Request, _ *running) 
 		}
 		owners = append(owners, owner{AppID: app, ServerID: rec.ServerID, Token: kv.ModRevision})
 	}
-	ok(w, owners)
+	return owners, nil
 }
 
 // serverRow is one row of /admin/servers: a live server, its placement,
@@ -107,18 +117,14 @@ type serverRow struct {
 // handleServers lists the live servers with their weights and the apps
 // each owns (from one read of the owner keys), in id order.
 func (n *Node) handleServers(w http.ResponseWriter, r *http.Request, run *running) {
-	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
-	defer cancel()
-	resp, err := n.cfg.Client.Get(ctx, n.keys.OwnerPrefix(), clientv3.WithPrefix())
+	owners, err := n.readOwners(r.Context())
 	if err != nil {
 		failed(w, err.Error())
 		return
 	}
 	apps := map[string]int{}
-	for _, kv := range resp.Kvs {
-		if rec, err := coord.DecodeOwnerRecord(kv.Value); err == nil {
-			apps[rec.ServerID]++
-		}
+	for _, o := range owners {
+		apps[o.ServerID]++
 	}
 	rows := []serverRow{}
 	for _, s := range run.elector.Members().Servers() {
