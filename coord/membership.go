@@ -80,7 +80,13 @@ type Members struct {
 
 	mu      sync.RWMutex
 	servers map[string]ServerRecord
-	changed chan struct{} // closed and replaced at every change
+	created map[string]int64 // each server's membership key's CreateRevision
+	changed chan struct{}    // closed and replaced at every change
+	rev     int64            // the set holds every change up to this revision
+	// placedAt is when the placement last changed as this process saw it:
+	// a server joined (a new membership key, even under an id seen
+	// before), left, or changed its placement weight.
+	placedAt time.Time
 }
 
 // WatchMembers reads the live servers under prefix ("" means
@@ -139,16 +145,38 @@ func (m *Members) load(ctx context.Context) (int64, error) {
 		return 0, fmt.Errorf("coord: list servers: %w", err)
 	}
 	servers := make(map[string]ServerRecord, len(resp.Kvs))
+	created := make(map[string]int64, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
 		if rec, ok := m.decode(kv.Key, kv.Value); ok {
 			servers[rec.ServerID] = rec
+			created[rec.ServerID] = kv.CreateRevision
 		}
 	}
 	m.mu.Lock()
-	m.servers = servers
+	if m.placedAt.IsZero() || !samePlacement(m.servers, m.created, servers, created) {
+		m.placedAt = time.Now()
+	}
+	m.servers, m.created = servers, created
+	m.rev = max(m.rev, resp.Header.Revision)
 	m.mu.Unlock()
 	m.notify()
 	return resp.Header.Revision, nil
+}
+
+// samePlacement reports whether two views of the set place apps alike and
+// hold the same memberships: the same servers, each under the same
+// membership key (CreateRevision) and with the same placement weight.
+func samePlacement(a map[string]ServerRecord, aCreated map[string]int64, b map[string]ServerRecord, bCreated map[string]int64) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for id, ra := range a {
+		rb, ok := b[id]
+		if !ok || aCreated[id] != bCreated[id] || ra.PlacementWeight() != rb.PlacementWeight() {
+			return false
+		}
+	}
+	return true
 }
 
 func (m *Members) decode(key, val []byte) (ServerRecord, bool) {
@@ -209,14 +237,24 @@ func (m *Members) apply(events []*clientv3.Event, readRev int64) {
 		if ev.Kv.ModRevision <= readRev {
 			continue // already in the read
 		}
+		m.rev = max(m.rev, ev.Kv.ModRevision)
 		switch ev.Type {
 		case clientv3.EventTypePut:
 			if rec, ok := m.decode(ev.Kv.Key, ev.Kv.Value); ok {
+				old, listed := m.servers[rec.ServerID]
+				if !listed || m.created[rec.ServerID] != ev.Kv.CreateRevision || old.PlacementWeight() != rec.PlacementWeight() {
+					m.placedAt = time.Now()
+				}
 				m.servers[rec.ServerID] = rec
+				m.created[rec.ServerID] = ev.Kv.CreateRevision
 			}
 		case clientv3.EventTypeDelete:
 			if id, err := m.keys.ServerIDFromKey(string(ev.Kv.Key)); err == nil {
+				if _, listed := m.servers[id]; listed {
+					m.placedAt = time.Now()
+				}
 				delete(m.servers, id)
+				delete(m.created, id)
 			}
 		}
 	}
@@ -238,6 +276,18 @@ func (m *Members) Changed() <-chan struct{} {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	return m.changed
+}
+
+// Stable returns when the set last changed in a way that can move apps,
+// as this process saw it — a server joined (a new membership, even under
+// an id seen before), left, or changed its placement weight (a cordon
+// too) — and the etcd revision up to which the set is known. Every
+// server listed has been a member at least since then; the first read
+// counts as a change. A rebalancer waits for the set to be stable.
+func (m *Members) Stable() (since time.Time, rev int64) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.placedAt, m.rev
 }
 
 // Servers returns the live servers ordered by id.

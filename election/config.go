@@ -15,12 +15,22 @@ import (
 // speaks, as PowerJob's /friend/ping does. The server package supplies the
 // HTTP implementation.
 type Pinger interface {
-	// Ping returns the transport protocols of server serverID, whose
-	// control endpoint is control. It fails if nothing answered before ctx
-	// ended, or if another server answered there (a process restarted on
-	// the address under another id): only serverID's own answer shows it
-	// alive.
-	Ping(ctx context.Context, serverID string, control coord.Endpoint) (coord.Protocols, error)
+	// Ping returns the answer of server serverID, whose control endpoint
+	// is control. It fails if nothing answered before ctx ended, or if
+	// another server answered there (a process restarted on the address
+	// under another id): only serverID's own answer shows it alive.
+	Ping(ctx context.Context, serverID string, control coord.Endpoint) (PingReply, error)
+}
+
+// PingReply is what a live server says about itself.
+type PingReply struct {
+	// Protocols are its transport addresses.
+	Protocols coord.Protocols
+	// Unconfirmed says its guard is not confirmed right now: it is alive
+	// and owns what it owned, but an app given to it now would wait,
+	// with nobody acting, until its guard confirms. Rebalancing gives it
+	// nothing until then; elections still take it as alive.
+	Unconfirmed bool
 }
 
 // Callbacks are called per app, in order, never concurrently for the same
@@ -73,6 +83,14 @@ type Tuning struct {
 	// keeps a storm of elections — a server dying with thousands of apps
 	// — from starving the session's confirmation rounds. Default 16.
 	ElectionConcurrency int
+	// RebalanceSettle is how long the live-server set must stay unchanged
+	// before Rebalance moves any app: a server that joins and leaves again
+	// within it (a flapping one) moves nothing. Default 10 s.
+	RebalanceSettle time.Duration
+	// RebalanceRate bounds how fast Rebalance moves apps away: this
+	// fraction of the apps the server owns when it starts a round, per
+	// second (at least one app per second). Default 0.02, 2%/s.
+	RebalanceRate float64
 }
 
 // DefaultTuning returns the default limits and timeouts.
@@ -83,6 +101,8 @@ func DefaultTuning() Tuning {
 		RetryTimes:          10,
 		RetryBase:           50 * time.Millisecond,
 		ElectionConcurrency: 16,
+		RebalanceSettle:     10 * time.Second,
+		RebalanceRate:       0.02,
 	}
 }
 
@@ -91,7 +111,7 @@ func (t Tuning) Validate() error {
 	for _, f := range []struct {
 		name string
 		v    time.Duration
-	}{{"PingTimeout", t.PingTimeout}, {"LockTimeout", t.LockTimeout}, {"RetryBase", t.RetryBase}} {
+	}{{"PingTimeout", t.PingTimeout}, {"LockTimeout", t.LockTimeout}, {"RetryBase", t.RetryBase}, {"RebalanceSettle", t.RebalanceSettle}} {
 		if f.v < 0 {
 			return fmt.Errorf("election: %w: %s (%v) must be positive", ErrInvalidConfig, f.name, f.v)
 		}
@@ -101,6 +121,9 @@ func (t Tuning) Validate() error {
 	}
 	if t.ElectionConcurrency < 0 {
 		return fmt.Errorf("election: %w: ElectionConcurrency (%d) must be positive", ErrInvalidConfig, t.ElectionConcurrency)
+	}
+	if !(t.RebalanceRate >= 0 && t.RebalanceRate <= 1) { // NaN too
+		return fmt.Errorf("election: %w: RebalanceRate (%v) must be between 0 and 1", ErrInvalidConfig, t.RebalanceRate)
 	}
 	return nil
 }
@@ -126,6 +149,10 @@ type Config struct {
 	Pinger Pinger
 	// Callbacks are this server's ownership callbacks; both are optional.
 	Callbacks Callbacks
+	// Rebalance hands this server's apps to their preferred servers (see
+	// Place) when the live-server set changes: a server joins, leaves,
+	// changes weight or is cordoned. See the package doc, "Rebalancing".
+	Rebalance bool
 	// Logger receives the elector's logs; nil discards them.
 	Logger hclog.Logger
 	// Registerer, if set, receives the elector's Prometheus metrics.
@@ -156,6 +183,12 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.ElectionConcurrency == 0 {
 		c.ElectionConcurrency = d.ElectionConcurrency
+	}
+	if c.RebalanceSettle == 0 {
+		c.RebalanceSettle = d.RebalanceSettle
+	}
+	if c.RebalanceRate == 0 {
+		c.RebalanceRate = d.RebalanceRate
 	}
 	if c.clock == nil {
 		c.clock = realClock{}

@@ -83,7 +83,34 @@
 // placed on it on to its successor, so that no key names an owner that
 // will not act. The asked server answers the worker with the placed
 // server's address at once. Placing rather than electing-then-handing-
-// over costs one write, and the asked server never acts for the app.
+// over costs one write, and the asked server never acts for the app. The
+// Txn also proves the placed server still a member under that lease, so a
+// server that has left the set (it is draining) is never given an app.
+//
+// # Rebalancing
+//
+// With Config.Rebalance, a server moves the apps it owns whose preferred
+// server is now another one: after a server joined, left, changed weight
+// or was cordoned. It waits until its view of the live-server set has
+// been unchanged for RebalanceSettle (10 s): a server that keeps joining
+// and leaving moves nothing, and every server it moves apps to has been a
+// member at least that long. It moves only to a server of positive weight
+// that answers a ping as itself with its guard confirmed (PingReply), and
+// at most RebalanceRate (2%) of the apps it owned when the round began,
+// per second, spread over 100 ms ticks. A move is a HandOver's transfer:
+// the server stops acting first, then writes the new owner's record over
+// its own, bound to the new owner's lease and guarded by its token, so
+// workers see one change and the new owner acts at once; OnLose gets
+// ReasonRebalanced. That Txn also compares every membership key's
+// ModRevision with the revision of the view the move was planned on: a
+// server that joined or changed weight since makes the move fail, and the
+// apps, already stopped, are then handed over as HandOver does, once the
+// view has caught up. A server that left cannot change an app's first
+// choice (rendezvous hashing), and the target's own membership is
+// compared. Since all servers compute the same preferred server from the
+// same set, and none moves an app it prefers itself, one change of the
+// set moves each app at most once, and only the apps whose preferred
+// server changed: about 1/(N+1) of them when an (N+1)th server joins.
 //
 // # Callbacks
 //

@@ -357,12 +357,13 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool, 
 	// (anyone who elected meanwhile changed it: retry, and find them);
 	// the lock is released in the same Txn, and the displaced owner's
 	// marker written in it. The compare also proves the displaced lease
-	// still exists: the key is bound to it. A placed owner's lease must
-	// exist too, or the put fails.
-	txn, err := e.cli.Txn(ctx).If(
-		mx.IsOwner(),
-		clientv3.Compare(clientv3.ModRevision(key), "=", readRev),
-	).Then(append([]clientv3.Op{
+	// still exists: the key is bound to it. A placed owner must still be
+	// a member under the lease its record is bound to.
+	cmps := []clientv3.Cmp{mx.IsOwner(), clientv3.Compare(clientv3.ModRevision(key), "=", readRev)}
+	if elsewhere != nil {
+		cmps = append(cmps, elsewhere.isMember())
+	}
+	txn, err := e.cli.Txn(ctx).If(cmps...).Then(append([]clientv3.Op{
 		clientv3.OpPut(key, string(val), clientv3.WithLease(ownerLease)),
 		clientv3.OpDelete(mx.Key()),
 	}, displace...)...).Commit()
@@ -370,7 +371,7 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool, 
 		return owner{}, false, fmt.Errorf("write owner key: %w", err)
 	}
 	if !txn.Succeeded {
-		return owner{}, false, errors.New("lost the mutex, or the owner key changed since it was read")
+		return owner{}, false, errors.New("lost the mutex, the owner key changed since it was read, or the placed server left")
 	}
 	released = true
 	if elsewhere != nil {
@@ -407,7 +408,7 @@ func (e *Elector) liveOwner(ctx context.Context, app int64, val []byte, lease cl
 	}
 	pctx, cancel := context.WithTimeout(ctx, e.cfg.PingTimeout)
 	defer cancel()
-	protocols, err := e.cfg.Pinger.Ping(pctx, rec.ServerID, rec.Control)
+	reply, err := e.cfg.Pinger.Ping(pctx, rec.ServerID, rec.Control)
 	if err != nil {
 		e.logger.Info("owner did not answer a ping", "app_id", app, "owner", rec.ServerID, "error", err)
 		down[rec.ServerID] = true
@@ -415,7 +416,7 @@ func (e *Elector) liveOwner(ctx context.Context, app int64, val []byte, lease cl
 		return owner{}, false
 	}
 	e.unanswered.clear(rec.ServerID)
-	return owner{serverID: rec.ServerID, protocols: protocols}, true
+	return owner{serverID: rec.ServerID, protocols: reply.Protocols}, true
 }
 
 // registered interprets the read of app's record (its app-by-id key):

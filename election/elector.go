@@ -131,6 +131,9 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 	e.loops.Go(e.epochLoop)
 	e.loops.Go(e.membersLoop)
 	e.loops.Go(e.markerLoop)
+	if cfg.Rebalance {
+		e.loops.Go(e.rebalanceLoop)
+	}
 	for range cfg.ElectionConcurrency {
 		e.loops.Go(e.takeoverLoop)
 	}

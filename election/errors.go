@@ -42,6 +42,9 @@ type Reason string
 const (
 	// ReasonResigned: this server gave the app up (Resign, HandOver).
 	ReasonResigned Reason = "resigned"
+	// ReasonRebalanced: this server handed the app to its preferred
+	// server (Config.Rebalance).
+	ReasonRebalanced Reason = "rebalanced"
 	// ReasonDeposed: another server wrote the owner key, or it was deleted
 	// by someone else.
 	ReasonDeposed Reason = "deposed"

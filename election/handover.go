@@ -141,7 +141,7 @@ func (e *Elector) transfer(ctx context.Context, tokens map[int64]int64) map[int6
 		for len(apps) > 0 {
 			chunk := apps[:min(batch, len(apps))]
 			apps = apps[len(chunk):]
-			if err := e.transferBatch(ctx, to, chunk, tokens); err == nil {
+			if _, err := e.transferBatch(ctx, to, chunk, tokens); err == nil {
 				e.logger.Debug("handed over", "successor", id, "apps", len(chunk))
 				continue
 			} else if len(chunk) == 1 {
@@ -150,7 +150,7 @@ func (e *Elector) transfer(ctx context.Context, tokens map[int64]int64) map[int6
 				continue
 			}
 			for _, app := range chunk {
-				if err := e.transferBatch(ctx, to, []int64{app}, tokens); err != nil {
+				if _, err := e.transferBatch(ctx, to, []int64{app}, tokens); err != nil {
 					e.logger.Debug("handover write failed; deleting the key instead", "app_id", app, "successor", id, "error", err)
 					left[app] = tokens[app]
 				}
@@ -161,10 +161,19 @@ func (e *Elector) transfer(ctx context.Context, tokens map[int64]int64) map[int6
 }
 
 // handoverTarget is what a handover needs to know about the server it
-// writes for: its lease, the TTL it was granted, and its endpoints.
+// writes for: its membership key, its lease, the TTL it was granted, and
+// its endpoints.
 type handoverTarget struct {
+	member string
 	lease  clientv3.LeaseID
 	record coord.OwnerRecord // without HandedOverFrom
+}
+
+// isMember is the compare that proves the target still a member under
+// the lease it was read with: a server that has left membership (it is
+// draining) is given nothing, even while its lease lives on.
+func (t handoverTarget) isMember() clientv3.Cmp {
+	return clientv3.Compare(clientv3.LeaseValue(t.member), "=", t.lease)
 }
 
 // handoverTarget reads server id's membership key (its lease and
@@ -193,7 +202,7 @@ func (e *Elector) handoverTarget(ctx context.Context, id string) (handoverTarget
 	if ttl.TTL < 0 || ttl.GrantedTTL <= 0 { // TTL is whole seconds left; -1 once expired
 		return handoverTarget{}, errors.New("its lease has expired")
 	}
-	return handoverTarget{lease: lease, record: coord.OwnerRecord{
+	return handoverTarget{member: key, lease: lease, record: coord.OwnerRecord{
 		ServerID:   id,
 		Control:    srv.Control,
 		Protocols:  srv.Protocols,
@@ -203,16 +212,18 @@ func (e *Elector) handoverTarget(ctx context.Context, id string) (handoverTarget
 }
 
 // transferBatch writes to's owner record for every app in apps in one
-// Txn, each guarded by its token.
-func (e *Elector) transferBatch(ctx context.Context, to handoverTarget, apps []int64, tokens map[int64]int64) error {
-	var cmps []clientv3.Cmp
+// Txn, each guarded by its token, and by to's membership (to.isMember)
+// and any further guards. It returns the Txn's revision with its error
+// (errGuardFailed when a compare failed).
+func (e *Elector) transferBatch(ctx context.Context, to handoverTarget, apps []int64, tokens map[int64]int64, guards ...clientv3.Cmp) (int64, error) {
+	cmps := append([]clientv3.Cmp{to.isMember()}, guards...)
 	var ops []clientv3.Op
 	for _, app := range apps {
 		rec := to.record
 		rec.HandedOverFrom = tokens[app]
 		val, err := rec.Encode()
 		if err != nil {
-			return err
+			return 0, err
 		}
 		key := e.keys.Owner(app)
 		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(key), "=", tokens[app]))
@@ -220,13 +231,18 @@ func (e *Elector) transferBatch(ctx context.Context, to handoverTarget, apps []i
 	}
 	resp, err := e.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if !resp.Succeeded {
-		return errors.New("an owner key no longer holds this server's token")
+		return resp.Header.Revision, errGuardFailed
 	}
-	return nil
+	return resp.Header.Revision, nil
 }
+
+// errGuardFailed: a transfer's Txn found an owner key no longer holding
+// this server's token, the target no longer a member under the lease it
+// was read with, or the live-server set changed.
+var errGuardFailed = errors.New("an owner key no longer holds this server's token, or the target or the live servers changed")
 
 // waitForOthers waits until every app in tokens (app → the token this
 // server gave up) is owned by another server under a newer token — an

@@ -42,7 +42,7 @@ type pinger struct {
 	asked map[string]int // pings per address
 }
 
-func (p *pinger) Ping(ctx context.Context, serverID string, control coord.Endpoint) (coord.Protocols, error) {
+func (p *pinger) Ping(ctx context.Context, serverID string, control coord.Endpoint) (election.PingReply, error) {
 	address := control.Address
 	p.mu.Lock()
 	protos, ok := p.nodes[address]
@@ -52,12 +52,12 @@ func (p *pinger) Ping(ctx context.Context, serverID string, control coord.Endpoi
 	p.mu.Unlock()
 	if !ok || down {
 		<-ctx.Done() // an unreachable server times out
-		return nil, fmt.Errorf("ping %s: %w", address, ctx.Err())
+		return election.PingReply{}, fmt.Errorf("ping %s: %w", address, ctx.Err())
 	}
 	if id != serverID {
-		return nil, fmt.Errorf("ping %s: answered by %s, not %s", address, id, serverID)
+		return election.PingReply{}, fmt.Errorf("ping %s: answered by %s, not %s", address, id, serverID)
 	}
-	return protos, nil
+	return election.PingReply{Protocols: protos}, nil
 }
 
 func (p *pinger) pings(address string) int {

@@ -13,6 +13,7 @@ type metrics struct {
 	elections   *prometheus.CounterVec
 	takeovers   prometheus.Counter
 	depositions prometheus.Counter
+	rebalances  prometheus.Counter
 	owned       prometheus.Gauge
 	ownerGap    prometheus.Histogram
 	set         *metricset.Set
@@ -36,6 +37,10 @@ func newMetrics(reg prometheus.Registerer, serverID string) (*metrics, error) {
 			Namespace: "baton", Subsystem: "election", Name: "depositions_total",
 			Help: "Ownerships of this server ended because another server wrote the owner key.", ConstLabels: labels,
 		}),
+		rebalances: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "baton", Subsystem: "election", Name: "rebalanced_total",
+			Help: "Apps this server handed to their preferred server by rebalancing.", ConstLabels: labels,
+		}),
 		owned: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: "baton", Subsystem: "election", Name: "owned_apps",
 			Help: "Apps this server owns and acts for right now.", ConstLabels: labels,
@@ -47,7 +52,7 @@ func newMetrics(reg prometheus.Registerer, serverID string) (*metrics, error) {
 			Buckets:     prometheus.ExponentialBuckets(0.001, 2, 14),
 		}),
 	}
-	set, err := metricset.Register(reg, m.elections, m.takeovers, m.depositions, m.owned, m.ownerGap)
+	set, err := metricset.Register(reg, m.elections, m.takeovers, m.depositions, m.rebalances, m.owned, m.ownerGap)
 	if err != nil {
 		return nil, fmt.Errorf("election: register metrics: %w", err)
 	}
@@ -79,6 +84,12 @@ func (m *metrics) takeover(gapSeconds float64) {
 func (m *metrics) deposed() {
 	if m != nil {
 		m.depositions.Inc()
+	}
+}
+
+func (m *metrics) rebalanced(n int) {
+	if m != nil {
+		m.rebalances.Add(float64(n))
 	}
 }
 

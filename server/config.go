@@ -73,8 +73,13 @@ type Config struct {
 	// Balance places an app that has no live owner on its preferred live
 	// server (coord.RankWeighted over the servers' weights) when a worker
 	// asks for it, instead of on the server the worker happened to ask:
-	// see election.Elector.Place. DefaultConfig turns it on; false keeps
-	// PowerJob's first-come placement.
+	// see election.Elector.Place. It also rebalances: when the live
+	// servers change (one joins, leaves, changes weight or is cordoned)
+	// and then stay unchanged for Election.RebalanceSettle, each server
+	// hands the apps whose preferred server is now another to it, at
+	// most Election.RebalanceRate of its apps per second (see
+	// election.Config.Rebalance). DefaultConfig turns it on; false keeps
+	// PowerJob's first-come placement and never moves an app.
 	Balance bool
 	// Weight is this server's share of apps relative to the others' when
 	// balancing (its membership record's weight). Default 1; must be

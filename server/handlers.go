@@ -190,7 +190,7 @@ func (n *Node) handlePing(w http.ResponseWriter, _ *http.Request, run *running) 
 		writeResult(w, http.StatusServiceUnavailable, Result{Message: "server is draining or stopped"})
 		return
 	}
-	ok(w, pingAnswer{ServerID: n.cfg.ServerID, Protocols: run.protocols})
+	ok(w, pingAnswer{ServerID: n.cfg.ServerID, Protocols: run.protocols, Unconfirmed: run.session.Check() != nil})
 }
 
 // hello is /server/hello's diagnostics: PowerJob's fields first, then

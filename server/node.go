@@ -214,6 +214,7 @@ func (n *Node) start(ctx context.Context) (*running, error) {
 		Tuning:     n.cfg.Election,
 		Pinger:     HTTPPinger{Client: n.cfg.HTTPClient},
 		Callbacks:  n.cfg.Callbacks,
+		Rebalance:  n.cfg.Balance,
 		Logger:     n.cfg.Logger,
 		Registerer: n.cfg.Registerer,
 	}

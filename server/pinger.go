@@ -8,6 +8,7 @@ import (
 	"net/http"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/election"
 )
 
 // HTTPPinger pings another baton server at GET /friend/ping on its
@@ -19,21 +20,25 @@ type HTTPPinger struct {
 	Client *http.Client
 }
 
-// pingAnswer is /friend/ping's data: who answered and its transports.
+// pingAnswer is /friend/ping's data: who answered, its transports, and
+// whether its guard is unconfirmed (omitted when confirmed, as servers
+// before this field never sent it).
 type pingAnswer struct {
-	ServerID  string          `json:"serverId"`
-	Protocols coord.Protocols `json:"protocols"`
+	ServerID    string          `json:"serverId"`
+	Protocols   coord.Protocols `json:"protocols"`
+	Unconfirmed bool            `json:"unconfirmed,omitempty"`
 }
 
 // Ping implements election.Pinger.
-func (p HTTPPinger) Ping(ctx context.Context, serverID string, control coord.Endpoint) (coord.Protocols, error) {
+func (p HTTPPinger) Ping(ctx context.Context, serverID string, control coord.Endpoint) (election.PingReply, error) {
+	var no election.PingReply
 	address := control.Address
 	if err := validHostPort(address); err != nil {
-		return nil, fmt.Errorf("server: ping %q: %w", address, err)
+		return no, fmt.Errorf("server: ping %q: %w", address, err)
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, control.PeerURL()+"/friend/ping", nil)
 	if err != nil {
-		return nil, err
+		return no, err
 	}
 	cli := p.Client
 	if cli == nil {
@@ -41,7 +46,7 @@ func (p HTTPPinger) Ping(ctx context.Context, serverID string, control coord.End
 	}
 	resp, err := cli.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("server: ping %s: %w", address, err)
+		return no, fmt.Errorf("server: ping %s: %w", address, err)
 	}
 	defer resp.Body.Close()
 	var r struct {
@@ -50,16 +55,16 @@ func (p HTTPPinger) Ping(ctx context.Context, serverID string, control coord.End
 		Message string     `json:"message"`
 	}
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&r); err != nil {
-		return nil, fmt.Errorf("server: ping %s: %w", address, err)
+		return no, fmt.Errorf("server: ping %s: %w", address, err)
 	}
 	if !r.Success {
-		return nil, fmt.Errorf("server: ping %s: %s", address, r.Message)
+		return no, fmt.Errorf("server: ping %s: %s", address, r.Message)
 	}
 	if r.Data.ServerID != serverID {
-		return nil, fmt.Errorf("server: ping %s: answered by server %q, not %q", address, r.Data.ServerID, serverID)
+		return no, fmt.Errorf("server: ping %s: answered by server %q, not %q", address, r.Data.ServerID, serverID)
 	}
 	if err := r.Data.Protocols.Validate(); err != nil {
-		return nil, fmt.Errorf("server: ping %s: %w", address, err)
+		return no, fmt.Errorf("server: ping %s: %w", address, err)
 	}
-	return r.Data.Protocols, nil
+	return election.PingReply{Protocols: r.Data.Protocols, Unconfirmed: r.Data.Unconfirmed}, nil
 }
