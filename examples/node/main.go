@@ -52,6 +52,8 @@ func main() {
 		metrics     = flag.String("metrics", "", "serve Prometheus metrics at http://ADDR/metrics (default: none)")
 		balance     = flag.Bool("balance", true, "place apps nobody owns on their preferred live server (false: on the server the worker asked, as PowerJob does)")
 		weight      = flag.Float64("weight", 1, "this server's share of apps relative to the others' when balancing")
+		settle      = flag.Duration("rebalance-settle", 0, "with -balance: how long the set of servers must stay unchanged before apps move to their preferred servers (0: the default, 10s)")
+		rate        = flag.Float64("rebalance-rate", 0, "with -balance: the fraction of its apps a server moves per second when rebalancing (0: the default, 0.02)")
 		tlsCert     = flag.String("tls-cert", "", "serve baton's endpoints over HTTPS with this certificate (PEM), with -tls-key")
 		tlsKey      = flag.String("tls-key", "", "key of -tls-cert (PEM)")
 		tlsCA       = flag.String("tls-ca", "", "CA (PEM) that signed the other servers' -tls-cert, for pinging them (default: the system's roots)")
@@ -84,7 +86,7 @@ Usage: node [flags]
 		os.Exit(2)
 	}
 	err = withEtcd(logger, *embed, strings.Split(*etcd, ","), func(endpoints []string) error {
-		wire := wireTLS{cert: *tlsCert, key: *tlsKey, ca: *tlsCA, balance: *balance, weight: *weight}
+		wire := wireTLS{cert: *tlsCert, key: *tlsKey, ca: *tlsCA, balance: *balance, weight: *weight, settle: *settle, rate: *rate}
 		return run(logger, endpoints, security, wire, *metrics, *listen, *advertise, *external, protocols, *id, *ttl, *pingTimeout, *prefix, *apps, *adminToken)
 	})
 	if err != nil {
@@ -162,17 +164,20 @@ func parseTransports(s string) (coord.Protocols, error) {
 }
 
 // wireTLS is the node's HTTPS setup (its certificate and the CA it trusts
-// for its peers) and its placement (balance, weight).
+// for its peers) and its placement (balance, weight, rebalancing).
 type wireTLS struct {
 	cert, key, ca string
 	balance       bool
 	weight        float64
+	settle        time.Duration
+	rate          float64
 }
 
 // apply sets cfg's placement, and its TLS and HTTPClient when a
 // certificate is given.
 func (w wireTLS) apply(cfg *server.Config) error {
 	cfg.Balance, cfg.Weight = w.balance, w.weight
+	cfg.Election.RebalanceSettle, cfg.Election.RebalanceRate = w.settle, w.rate
 	if w.cert == "" && w.key == "" {
 		return nil
 	}
