@@ -8,11 +8,13 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/backoff"
 	"github.com/batonhq/baton/internal/keyspace"
 )
 
@@ -99,10 +101,13 @@ func New(cfg Config) (*Discovery, error) {
 }
 
 // Start resolves the app id and finds the first server, then keeps
-// following the owner until Close. Without AllowLazyConnect it fails when
-// either cannot be found (ErrNoServer, or the server's refusal for an
-// unknown app); with it, Start succeeds at once and the worker keeps
-// trying. It blocks at most for the configured timeouts.
+// following the owner until Close. Without AllowLazyConnect it keeps
+// trying, with jittered pauses, until both are found or ctx ends — a fleet
+// of workers started at once, or servers still starting, only delays it —
+// and fails at once only when the app is unknown (the server's refusal, or
+// etcd's registry); when ctx ends first it fails with ErrNoServer and the
+// last round's error. With AllowLazyConnect, Start succeeds at once and
+// the worker keeps trying in the background.
 func (d *Discovery) Start(ctx context.Context) error {
 	d.mu.Lock()
 	if d.started || d.closed {
@@ -121,15 +126,39 @@ func (d *Discovery) Start(ctx context.Context) error {
 	defer cancel()
 	defer context.AfterFunc(d.ctx, cancel)()
 
-	st := d.initialState(ctx)
-	if st.err != nil {
-		return st.err
+	for attempt := 0; ; attempt++ {
+		st := d.initialState(ctx)
+		if st.err == nil {
+			if _, found := d.Current(); found {
+				return d.goRun(func() { d.run(st) })
+			}
+			st.err = fmt.Errorf("%w for app %q (asked %v)", ErrNoServer, d.cfg.AppName, d.servers)
+		}
+		if errors.Is(st.err, errRefused) || errors.Is(st.err, coord.ErrUnknownApp) {
+			return st.err
+		}
+		pause := backoff.Jittered(attempt, startPauseMin, startPauseMax)
+		log := d.logger.Debug
+		if attempt == 0 {
+			log = d.logger.Info
+		}
+		log("no server found yet; trying again until Start's ctx ends", "app_name", d.cfg.AppName, "attempt", attempt+1, "pause", pause, "error", st.err)
+		if err := backoff.Sleep(ctx, pause); err != nil {
+			if !errors.Is(st.err, ErrNoServer) {
+				st.err = fmt.Errorf("%w: %w", ErrNoServer, st.err)
+			}
+			return fmt.Errorf("%w (gave up after %d attempts: %w)", st.err, attempt+1, err)
+		}
 	}
-	if _, found := d.Current(); !found {
-		return fmt.Errorf("%w for app %q (asked %v)", ErrNoServer, d.cfg.AppName, d.servers)
-	}
-	return d.goRun(func() { d.run(st) })
 }
+
+// The pauses between Start's attempts: short at first (a server that is
+// just starting), then up to a few seconds, jittered so that a fleet
+// started at once spreads out.
+const (
+	startPauseMin = 100 * time.Millisecond
+	startPauseMax = 3 * time.Second
+)
 
 // goRun starts the discovery goroutine unless Close has begun (it may run
 // while Start was resolving): Close then waits for it, or it never starts.

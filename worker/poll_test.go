@@ -3,6 +3,7 @@ package worker_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -164,6 +165,8 @@ func TestLazyConnectFindsAServerThatAppearsLater(t *testing.T) {
 	}
 }
 
+// Without AllowLazyConnect, Start keeps trying until its ctx ends, then
+// fails with ErrNoServer saying how often it tried.
 func TestStartFailsClearlyWithoutLazyConnect(t *testing.T) {
 	cfg := worker.DefaultConfig()
 	cfg.AppName = "orders"
@@ -175,8 +178,82 @@ func TestStartFailsClearlyWithoutLazyConnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	if err := d.Start(context.Background()); !errors.Is(err, worker.ErrNoServer) {
-		t.Fatalf("Start = %v, want ErrNoServer", err)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	err = d.Start(ctx)
+	if !errors.Is(err, worker.ErrNoServer) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Start = %v, want ErrNoServer once ctx ended", err)
+	}
+	var attempts int
+	if _, scanErr := fmt.Sscanf(err.Error()[strings.Index(err.Error(), "gave up after"):], "gave up after %d attempts", &attempts); scanErr != nil || attempts < 2 {
+		t.Errorf("Start = %v, want several attempts before giving up", err)
+	}
+}
+
+// A worker started before its server (a fleet and its scheduler deployed
+// together) waits for it instead of failing.
+func TestStartWaitsForAServerThatStartsLater(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	cli := testutil.Client(t, e)
+	register(t, cli, "orders")
+	addr := deadAddr(t)
+	cfg := worker.DefaultConfig()
+	cfg.AppName = "orders"
+	cfg.Servers = []string{addr}
+	cfg.RequestTimeout = 300 * time.Millisecond
+	cfg.PingTimeout = 200 * time.Millisecond
+	cfg.Tries = 1
+	reg := prometheus.NewRegistry()
+	cfg.Registerer = reg
+	d, err := worker.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	started := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		started <- d.Start(ctx)
+	}()
+	// Start has tried twice before the server exists.
+	testutil.Eventually(t, 10*time.Second, "two attempts", func() bool {
+		return testutil.Metric(t, reg, "baton_worker_http_requests_total", "") >= 2
+	})
+	select {
+	case err := <-started:
+		t.Fatalf("Start returned %v before the server started", err)
+	default:
+	}
+	n := startNode(t, e, "s1", addr)
+	if err := <-started; err != nil {
+		t.Fatalf("Start = %v after the server started", err)
+	}
+	if cur, _ := d.Current(); cur.Address != n.Addr() {
+		t.Errorf("worker found %+v, want %s", cur, n.Addr())
+	}
+}
+
+// An unknown app is no reason to keep trying: Start fails at once.
+func TestStartFailsAtOnceForAnUnknownApp(t *testing.T) {
+	e := testutil.Etcd(t, 1)
+	n := startNode(t, e, "s1", "127.0.0.1:0")
+	cfg := worker.DefaultConfig()
+	cfg.AppName = "nobody"
+	cfg.Servers = []string{n.Addr()}
+	d, err := worker.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err = d.Start(ctx)
+	if err == nil || errors.Is(err, worker.ErrNoServer) || !strings.Contains(err.Error(), "not registered") {
+		t.Fatalf("Start = %v, want the server's refusal", err)
+	}
+	if ctx.Err() != nil {
+		t.Errorf("Start kept trying until its ctx ended: %v", err)
 	}
 }
 
