@@ -53,7 +53,16 @@
 // When an owner key is deleted, the live server that ranks first for the
 // app by weighted rendezvous hashing (coord.RankWeighted over the
 // membership records' placement weights; a cordoned server weighs 0), not
-// counting the server that just left, elects itself at once — no worker has to ask. Resign
+// counting the server that just left, elects itself at once — no worker
+// has to ask. A successor takes the orphans of a server that died (its
+// lease's end deletes all its keys in one revision) up to 64 to a Txn,
+// each put only if its key is still absent: the compare an election makes
+// under the app's mutex after reading the key absent. The mutex does not
+// make elections exclusive — that compare does; it only queues one app's
+// contenders so that they do not all retry. An election racing such a
+// Txn fails its compare and, retrying, finds the successor's live key;
+// the Txn, racing an election that wrote first, fails as a whole, and its
+// apps are elected one by one. Resign
 // ends the ownership first and then deletes the key. HandOver ends it and
 // then writes the successor's owner record over its own, bound to the
 // successor's lease and naming the token it replaces (HandedOverFrom): the

@@ -512,3 +512,38 @@ func TestHandOverReturnsOnceTheSuccessorOwnsAndWorkersSeeOneNewOwner(t *testing.
 		t.Fatal("a handed over an app it no longer owns")
 	}
 }
+
+// The orphans of a server that died go to their successors in batches: a
+// takeover Txn writes many owner keys at once (each only if still
+// absent), so the keys of one successor share few tokens, and no
+// interval overlaps.
+func TestMassTakeoverWritesOrphansInBatches(t *testing.T) {
+	c := newCluster(t, 1, 2*time.Second)
+	a := c.addNode("a", viaProxy())
+	c.addNode("b")
+	c.addNode("c")
+	apps := c.registerN(t, 300)
+	electAll(t, c, a, apps)
+
+	a.proxy.BlackholeTx()
+	a.proxy.BlackholeRx()
+	defer func() { a.proxy.UnblackholeTx(); a.proxy.UnblackholeRx() }()
+	if !c.rec.wait(15*time.Second, ownedByOthers(c, apps, "a")) {
+		t.Fatalf("apps not taken over: %v", c.rec.owners())
+	}
+	tokens := map[int64]bool{}
+	for _, app := range apps {
+		owner, token := c.ownerOf(t, app)
+		if want, _ := coord.Successor(app, []string{"b", "c"}); owner != want {
+			t.Errorf("app %d owned by %s, successor is %s", app, owner, want)
+		}
+		tokens[token] = true
+	}
+	// One election per app would give 300 tokens; batches of 64 give at
+	// least 5 (two successors), more when orphans trickle in.
+	if len(tokens) > len(apps)/5 {
+		t.Errorf("300 orphans taken over under %d distinct tokens: not batched", len(tokens))
+	}
+	t.Logf("300 orphans taken over under %d distinct tokens", len(tokens))
+	c.rec.expectClean(t)
+}

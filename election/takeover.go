@@ -2,7 +2,10 @@ package election
 
 import (
 	"context"
+	"slices"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
 )
@@ -106,7 +109,9 @@ func (e *Elector) successor(app int64, exclude string) string {
 }
 
 // takeoverLoop elects this server for queued apps; ElectionConcurrency
-// of them run at once.
+// of them run at once. Each takes up to takeoverBatch queued apps and
+// writes them in one Txn (takeOverBatch); whatever that cannot take goes
+// through a full election, one app at a time.
 func (e *Elector) takeoverLoop() {
 	for {
 		select {
@@ -120,24 +125,111 @@ func (e *Elector) takeoverLoop() {
 				e.mu.Unlock()
 				break
 			}
-			app := e.takeover.pending[0]
-			e.takeover.pending = e.takeover.pending[1:]
-			delete(e.takeover.queued, app)
+			n := min(takeoverBatch, len(e.takeover.pending))
+			apps := slices.Clone(e.takeover.pending[:n])
+			e.takeover.pending = e.takeover.pending[n:]
+			for _, app := range apps {
+				delete(e.takeover.queued, app)
+			}
 			if len(e.takeover.pending) > 0 {
 				e.takeover.wake() // let another loop help
 			}
 			e.mu.Unlock()
 
-			ctx, cancel := context.WithTimeout(e.ctx, e.cfg.LockTimeout+e.cfg.PingTimeout)
-			o, err := e.ensureOwner(ctx, app, false)
-			cancel()
-			if err != nil {
-				e.logger.Info("successor takeover failed; workers will ask", "app_id", app, "error", err)
-			} else if o.serverID != e.cfg.ServerID {
-				e.logger.Debug("another server took the app first", "app_id", app, "owner", o.serverID)
+			for _, app := range e.takeOverBatch(apps) {
+				ctx, cancel := context.WithTimeout(e.ctx, e.cfg.LockTimeout+e.cfg.PingTimeout)
+				o, err := e.ensureOwner(ctx, app, false)
+				cancel()
+				if err != nil {
+					e.logger.Info("successor takeover failed; workers will ask", "app_id", app, "error", err)
+				} else if o.serverID != e.cfg.ServerID {
+					e.logger.Debug("another server took the app first", "app_id", app, "owner", o.serverID)
+				}
 			}
 		}
 	}
+}
+
+// takeoverBatch is how many orphans one Txn takes over; etcd refuses a
+// Txn of more than 128 operations by default.
+const takeoverBatch = 64
+
+// takeOverBatch elects this server, in one Txn, for orphans whose owner
+// key this server's table shows deleted, and returns the apps it left for
+// a full election: one that is no orphan any more, that this server is
+// resigning, or that has an election in flight here; or all of them, when
+// the Txn cannot be written or fails. A single app is always left.
+//
+// The Txn puts each owner key, bound to this server's lease, only if it
+// still does not exist (ModRevision 0) — the very compare an election
+// makes, under the app's mutex, after reading the key absent. The mutex
+// does not make elections exclusive, the compare does: it queues the
+// contenders for one app so that they do not all retry. An election
+// racing this Txn fails its compare and, retrying, finds this server's
+// live key; this Txn, racing an election that wrote first, fails as a
+// whole and its apps go through elections of their own. Displacement
+// markers hold the new ownerships back exactly as after an election.
+func (e *Elector) takeOverBatch(apps []int64) (left []int64) {
+	if len(apps) < 2 || e.session.Check() != nil {
+		return apps
+	}
+	var batch []int64
+	e.mu.Lock()
+	for _, app := range apps {
+		_, owned := e.table[app]
+		_, inFlight := e.flights[app]
+		if owned || inFlight || e.resigningNow(app) {
+			left = append(left, app)
+			continue
+		}
+		batch = append(batch, app)
+	}
+	e.mu.Unlock()
+	if len(batch) < 2 {
+		return apps
+	}
+	select {
+	case e.slots <- struct{}{}:
+		defer func() { <-e.slots }()
+	case <-e.ctx.Done():
+		return apps
+	}
+	val, err := coord.OwnerRecord{
+		ServerID:   e.cfg.ServerID,
+		Control:    e.cfg.Control,
+		Protocols:  e.cfg.Protocols,
+		TTLMillis:  e.session.TTL().Milliseconds(),
+		AcquiredAt: time.Now().UTC(),
+	}.Encode()
+	if err != nil {
+		return apps
+	}
+	lease := e.session.Lease()
+	cmps := make([]clientv3.Cmp, 0, len(batch))
+	ops := make([]clientv3.Op, 0, len(batch))
+	for _, app := range batch {
+		key := e.keys.Owner(app)
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(key), "=", 0))
+		ops = append(ops, clientv3.OpPut(key, string(val), clientv3.WithLease(lease)))
+	}
+	ctx, cancel := context.WithTimeout(e.ctx, e.cfg.LockTimeout)
+	defer cancel()
+	resp, err := e.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	if err != nil || !resp.Succeeded {
+		// A lost response is retried by the elections: each reads its
+		// key and finds this server's own under its lease if the Txn
+		// was applied after all.
+		e.logger.Debug("batch takeover not written; electing one by one", "apps", len(batch), "error", err)
+		return apps
+	}
+	e.mu.Lock()
+	for _, app := range batch {
+		e.tryActivate(e.own(app, resp.Header.Revision, lease))
+		e.metrics.election("won")
+	}
+	e.mu.Unlock()
+	e.logger.Debug("took orphans over in one Txn", "apps", len(batch), "token", resp.Header.Revision)
+	return left
 }
 
 // membersLoop pays the releases this server owes (see release.go) and
