@@ -251,18 +251,27 @@ func TestCloseReturnsWithinItsContextWhenEtcdIsUnreachable(t *testing.T) {
 	}
 	longLock := withConfig(func(cfg *election.Config) { cfg.LockTimeout = 10 * time.Second })
 
-	t.Run("Elector.Close during a successor takeover", func(t *testing.T) {
-		c := newCluster(t, 1, time.Second)
+	// unansweringOwner makes a own app and stop answering pings: an
+	// election on another server then overwrites a's key, which is the
+	// one kind of election that takes the app's mutex.
+	unansweringOwner := func(t *testing.T, c *cluster) int64 {
 		a := c.addNode("a")
-		b := c.addNode("b", viaProxy(), longLock)
 		app := c.register(t, "x")[0]
 		electAll(t, c, a, []int64{app})
+		c.pinger.setDown(a.addr, true)
+		return app
+	}
+
+	t.Run("Elector.Close during an election waiting for the mutex", func(t *testing.T) {
+		c := newCluster(t, 1, time.Second)
+		app := unansweringOwner(t, c)
+		b := c.addNode("b", viaProxy(), longLock)
 		holdMutex(t, c, app)
-		// a resigns: b, the successor, takes the app over — and queues
-		// for the mutex.
-		if err := a.el.Resign(context.Background(), app); err != nil {
-			t.Fatal(err)
-		}
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			b.el.Elect(ctx, app, coord.ProtocolHTTP, "") // ends with b's Close
+		}()
 		waitingForMutex(t, c, app)
 		heal := c.cutOff(t, b)
 		took, ok := returnsWithin(t, bound+slack, 20*time.Second, heal, func() {
@@ -278,8 +287,8 @@ func TestCloseReturnsWithinItsContextWhenEtcdIsUnreachable(t *testing.T) {
 
 	t.Run("Elect", func(t *testing.T) {
 		c := newCluster(t, 1, time.Second)
+		app := unansweringOwner(t, c)
 		b := c.addNode("b", viaProxy(), longLock)
-		app := c.register(t, "x")[0]
 		holdMutex(t, c, app)
 		ctx, cancel := context.WithTimeout(context.Background(), bound)
 		defer cancel()

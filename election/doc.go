@@ -5,10 +5,20 @@
 //
 // A server owns an app while {p}/current-server/{appId} holds its owner
 // record bound to its lease. The key is written once per ownership, in a
-// Txn guarded by the app's concurrency.Mutex and by the ModRevision read
-// under that lock; that ModRevision is the ownership's fencing token, and
+// Txn guarded by the ModRevision the election read (0 for a key that did
+// not exist); that ModRevision is the ownership's fencing token, and
 // Fence turns it into a comparison for the owner's own Txns. Tokens of an
 // app strictly increase, because every ownership change is a new write.
+//
+// The compare is what makes an election exclusive: of contenders that
+// read the same key, one writes and the others fail and, retrying, find
+// it. To overwrite an existing key (a dead or unanswering owner) an
+// election first takes the app's concurrency.Mutex and writes under it,
+// releasing it in the same Txn: the mutex queues the contenders for one
+// app, so that the servers a crowd of workers asked do not all ping the
+// old owner, write and retry at once. Creating a key that does not exist
+// — an app nobody owns, the common case at a cold start — takes no
+// mutex: it costs one read and one Txn, a single raft commit.
 //
 // Every server keeps a table of all owner keys from one watch of
 // {p}/current-server/ and reports that watch's progress to its session, so

@@ -322,19 +322,30 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool, 
 	}
 
 	lease := e.session.Lease()
-	lctx, cancel := context.WithTimeout(ctx, e.cfg.LockTimeout)
-	defer cancel()
-	mx, err := e.mutexes.lock(lctx, lease, e.keys.Lock(app))
-	if err != nil {
-		return owner{}, false, err
-	}
-	released := false
-	defer func() {
-		if released {
-			return
+	// Only overwriting a key that exists takes the app's mutex: a key read
+	// absent is created with the compare ModRevision = 0, which only one
+	// contender can pass, so there is nobody to queue behind (see the
+	// package doc, "Ownership").
+	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", readRev)}
+	var unlock []clientv3.Op
+	released := true
+	if kv != nil {
+		lctx, cancel := context.WithTimeout(ctx, e.cfg.LockTimeout)
+		defer cancel()
+		mx, err := e.mutexes.lock(lctx, lease, e.keys.Lock(app))
+		if err != nil {
+			return owner{}, false, err
 		}
-		e.mutexes.release(mx)
-	}()
+		released = false
+		defer func() {
+			if released {
+				return
+			}
+			e.mutexes.release(mx)
+		}()
+		cmps = append(cmps, mx.IsOwner())
+		unlock = []clientv3.Op{clientv3.OpDelete(mx.Key())}
+	}
 	if err := e.session.Check(); err != nil {
 		return owner{}, true, fmt.Errorf("%w: %w", ErrNotReady, err)
 	}
@@ -348,25 +359,20 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool, 
 	ownerLease := lease
 	if elsewhere != nil {
 		rec, ownerLease = elsewhere.record, elsewhere.lease
+		cmps = append(cmps, elsewhere.isMember())
 	}
 	val, err := rec.Encode()
 	if err != nil {
 		return owner{}, true, err
 	}
-	// Under the lock, the key must still be what was read before it
-	// (anyone who elected meanwhile changed it: retry, and find them);
-	// the lock is released in the same Txn, and the displaced owner's
-	// marker written in it. The compare also proves the displaced lease
-	// still exists: the key is bound to it. A placed owner must still be
-	// a member under the lease its record is bound to.
-	cmps := []clientv3.Cmp{mx.IsOwner(), clientv3.Compare(clientv3.ModRevision(key), "=", readRev)}
-	if elsewhere != nil {
-		cmps = append(cmps, elsewhere.isMember())
-	}
-	txn, err := e.cli.Txn(ctx).If(cmps...).Then(append([]clientv3.Op{
-		clientv3.OpPut(key, string(val), clientv3.WithLease(ownerLease)),
-		clientv3.OpDelete(mx.Key()),
-	}, displace...)...).Commit()
+	// The key must still be what was read before the lock (anyone who
+	// elected meanwhile changed it: retry, and find them); the lock is
+	// released in the same Txn, and the displaced owner's marker written
+	// in it. The compare also proves the displaced lease still exists:
+	// the key is bound to it. A placed owner must still be a member under
+	// the lease its record is bound to.
+	ops := append([]clientv3.Op{clientv3.OpPut(key, string(val), clientv3.WithLease(ownerLease))}, unlock...)
+	txn, err := e.cli.Txn(ctx).If(cmps...).Then(append(ops, displace...)...).Commit()
 	if err != nil {
 		return owner{}, false, fmt.Errorf("write owner key: %w", err)
 	}
