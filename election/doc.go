@@ -116,15 +116,19 @@
 // member at least that long. It moves only to a server of positive weight
 // that answers a ping as itself with its guard confirmed (PingReply), and
 // at most RebalanceRate (2%) of the apps it owned when the round began,
-// per second, spread over 100 ms ticks. A move is a HandOver's transfer:
+// per second, spread over 100 ms ticks (one token bucket across rounds),
+// at most 64 to a Txn. A move is a HandOver's transfer:
 // the server stops acting first, then writes the new owner's record over
 // its own, bound to the new owner's lease and guarded by its token, so
 // workers see one change and the new owner acts at once; OnLose gets
 // ReasonRebalanced. That Txn also compares every membership key's
 // ModRevision with the revision of the view the move was planned on: a
-// server that joined or changed weight since makes the move fail, and the
-// apps, already stopped, are then handed over as HandOver does, once the
-// view has caught up. A server that left cannot change an app's first
+// server that joined or changed weight since makes the move fail. A move
+// that failed, or whose response was lost, is undone: a key that still
+// holds its token was not moved and nobody else can have owned the app
+// meanwhile, so the server owns it again under that token, as after a
+// pause of its guard, and plans afresh once the set has settled again. A
+// server that left cannot change an app's first
 // choice (rendezvous hashing), and the target's own membership is
 // compared. Since all servers compute the same preferred server from the
 // same set, and none moves an app it prefers itself, one change of the

@@ -9,6 +9,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/backoff"
 )
 
 // With Config.Rebalance, each server moves the apps it owns whose
@@ -22,7 +23,8 @@ import (
 //   - only to a server that answers a ping as itself with its guard
 //     confirmed, and whose weight is positive;
 //   - at most RebalanceRate of the apps it owned when the round began,
-//     per second;
+//     per second, from one token bucket that outlives rounds, and at most
+//     64 apps to a Txn;
 //   - with the transfer a HandOver makes (this server stops acting, then
 //     writes the new owner's record over its own, bound to the new
 //     owner's lease, guarded by its token), so workers see one change
@@ -33,6 +35,9 @@ import (
 //     sending the app to a server that is no longer its preferred one.
 //     A server that left cannot make a preferred server another one
 //     (rendezvous hashing), and the target's own membership is compared.
+//     A move that fails, or whose outcome is unknown, is undone: every
+//     key that still holds its token is owned again, under that token
+//     (undoMove), and the next round plans afresh.
 //
 // Every server computes the same preferred server from the same set, and
 // a server never moves an app it prefers itself, so one change of the set
@@ -43,18 +48,41 @@ import (
 // burst once a second.
 const rebalanceTick = 100 * time.Millisecond
 
+// moveBatch bounds the apps of one move's Txn: it holds a compare and a
+// put per app, and etcd refuses a Txn of more than 128 operations by
+// default.
+const moveBatch = 64
+
+// rateBucket is the rebalance rate's token bucket. It lives as long as
+// the rebalance loop, across rounds, so that rounds restarted by changes
+// of the set cannot move faster than the rate.
+type rateBucket struct {
+	tokens float64
+	at     time.Time
+}
+
+// refill adds what perSecond has earned since the last refill, up to one
+// tick's worth (at least one app).
+func (b *rateBucket) refill(perSecond float64) {
+	now := time.Now()
+	burst := max(1, perSecond*rebalanceTick.Seconds())
+	b.tokens = min(burst, b.tokens+perSecond*now.Sub(b.at).Seconds())
+	b.at = now
+}
+
 // rebalanceLoop waits for the live-server set to settle, then runs rounds
 // until nothing is left to move; it starts again at every change.
 func (e *Elector) rebalanceLoop() {
+	bucket := &rateBucket{tokens: 1, at: time.Now()} // one app may move at once; then the rate
 	for {
 		changed := e.members.Changed()
 		since, _ := e.members.Stable()
 		wait := e.cfg.RebalanceSettle - time.Since(since)
 		if wait <= 0 {
-			if e.rebalanceRound(changed) {
+			if e.rebalanceRound(bucket) {
 				wait = e.cfg.RebalanceSettle // nothing left: look again now and then
 			} else {
-				wait = time.Second // some target was not ready
+				wait = time.Second // some target was not ready, or a move was undone
 			}
 		}
 		t := time.NewTimer(wait)
@@ -69,12 +97,40 @@ func (e *Elector) rebalanceLoop() {
 	}
 }
 
+// roundView is the view of the live-server set a round plans on: the
+// placement as of since, known up to revision rev, and the channel that
+// is closed at the next change of the set.
+type roundView struct {
+	since   time.Time
+	rev     int64
+	changed <-chan struct{}
+}
+
+// current reports whether the placement is still the one the round
+// planned on. A change that does not move apps (a record rewritten with
+// the same weight, a re-read of the set) only advances rev.
+func (v *roundView) current(e *Elector) bool {
+	select {
+	case <-v.changed:
+	default:
+		return true
+	}
+	changed := e.members.Changed()
+	since, rev := e.members.Stable()
+	if !since.Equal(v.since) {
+		return false
+	}
+	v.rev, v.changed = rev, changed
+	return true
+}
+
 // rebalanceRound moves, at the rebalance rate, the apps this server owns
 // and acts for whose preferred server is another, ready one. It returns
-// early when the set changes (changed is closed), the elector drains or
-// closes; it reports whether every app it found to move was moved.
-func (e *Elector) rebalanceRound(changed <-chan struct{}) bool {
-	_, rev := e.members.Stable()
+// early when the placement changes, or the elector drains or closes; it
+// reports whether every app it found to move was moved.
+func (e *Elector) rebalanceRound(bucket *rateBucket) bool {
+	view := roundView{changed: e.members.Changed()}
+	view.since, view.rev = e.members.Stable()
 	placement := coord.Placement(e.members.Servers(), "")
 	weights := make(map[string]float64, len(placement))
 	for _, w := range placement {
@@ -86,7 +142,7 @@ func (e *Elector) rebalanceRound(changed <-chan struct{}) bool {
 		return true
 	}
 	owned := e.active
-	plan := map[string][]int64{} // target → apps, by app id
+	plan := map[string][]int64{} // target → apps
 	for app, o := range e.mine {
 		if !o.active {
 			continue
@@ -96,18 +152,11 @@ func (e *Elector) rebalanceRound(changed <-chan struct{}) bool {
 		}
 	}
 	e.mu.Unlock()
-	if len(plan) == 0 {
-		return true
-	}
-
-	select {
-	case <-changed:
-		return false // the plan may be older than the set
-	default:
+	if len(plan) == 0 || !view.current(e) {
+		return len(plan) == 0 // a plan older than the set is redone
 	}
 
 	perSecond := max(1, e.cfg.RebalanceRate*float64(owned))
-	tokens := 1.0 // one app may move at once; then the rate
 	tick := time.NewTicker(rebalanceTick)
 	defer tick.Stop()
 	complete := true
@@ -116,20 +165,15 @@ func (e *Elector) rebalanceRound(changed <-chan struct{}) bool {
 		slices.Sort(apps)
 		var pinged time.Time
 		for len(apps) > 0 {
-			for tokens < 1 {
+			for bucket.refill(perSecond); bucket.tokens < 1; bucket.refill(perSecond) {
 				select {
 				case <-tick.C:
-					tokens = min(tokens+perSecond*rebalanceTick.Seconds(), max(1, perSecond*rebalanceTick.Seconds()))
-				case <-changed:
-					return false
 				case <-e.ctx.Done():
 					return false
 				}
 			}
-			select {
-			case <-changed:
+			if !view.current(e) {
 				return false
-			default:
 			}
 			if time.Since(pinged) > time.Second {
 				if !e.readyForApps(to) {
@@ -138,9 +182,9 @@ func (e *Elector) rebalanceRound(changed <-chan struct{}) bool {
 				}
 				pinged = time.Now()
 			}
-			n := min(int(tokens), len(apps))
-			tokens -= float64(n)
-			if !e.move(to, apps[:n], rev) {
+			n := min(int(bucket.tokens), len(apps), moveBatch)
+			bucket.tokens -= float64(n)
+			if !e.move(to, apps[:n], view.rev) {
 				return false
 			}
 			apps = apps[n:]
@@ -171,9 +215,9 @@ func (e *Elector) readyForApps(id string) bool {
 }
 
 // move hands apps to server to, which the view of the live-server set at
-// revision rev prefers for them. It reports false when there is nothing
-// more to do this round: the elector is draining or closing, or the set
-// has changed.
+// revision rev prefers for them. It reports false when the round should
+// end: the elector is draining or closing, or the move failed (the set
+// changed, or etcd failed it) and was undone.
 func (e *Elector) move(to string, apps []int64, rev int64) bool {
 	e.mu.Lock()
 	if e.draining || e.closed {
@@ -212,46 +256,51 @@ func (e *Elector) move(to string, apps []int64, rev int64) bool {
 		e.logger.Debug("rebalanced", "to", to, "apps", len(tokens))
 		return true
 	}
-	// This server has stopped acting for the apps: their keys must be
-	// released all the same. Once this server's view holds whatever
-	// change of the set made the move fail, they go as a HandOver's would.
-	e.logger.Info("rebalancing move failed; handing the apps over instead", "to", to, "apps", len(tokens), "error", err)
-	if latest, err := e.latestMembership(ctx); err == nil {
-		e.awaitMembers(ctx, latest)
+	e.logger.Info("rebalancing move not made; taking the apps back", "to", to, "apps", len(tokens), "error", err)
+	e.undoMove(tokens)
+	return false
+}
+
+// undoMove takes back the apps of a move that failed or whose outcome is
+// unknown (app → the token of the ownership the move stopped). A key that
+// still holds its token was not moved: nobody else can have owned the app
+// meanwhile, so this server owns it again under the same token, as after
+// a pause of its guard, and a later round — planned on the view that made
+// the move fail — moves it where it belongs now. Any other key was moved,
+// or changed hands otherwise, and is left alone. Only if etcd cannot be
+// read for a whole TTL are the apps released the way HandOver releases
+// them.
+func (e *Elector) undoMove(tokens map[int64]int64) {
+	ops := make([]clientv3.Op, 0, len(tokens))
+	apps := slices.Collect(maps.Keys(tokens))
+	for _, app := range apps {
+		ops = append(ops, clientv3.OpGet(e.keys.Owner(app)))
+	}
+	ctx, cancel := context.WithTimeout(e.ctx, e.session.TTL())
+	defer cancel()
+	for attempt := 0; ; attempt++ {
+		resp, err := e.cli.Txn(ctx).Then(ops...).Commit()
+		if err == nil {
+			e.mu.Lock()
+			defer e.mu.Unlock()
+			for i, app := range apps {
+				kvs := resp.Responses[i].GetResponseRange().Kvs
+				if len(kvs) == 0 || kvs[0].ModRevision != tokens[app] {
+					continue
+				}
+				delete(e.resigning, app)
+				e.tryActivate(e.own(app, tokens[app], clientv3.LeaseID(kvs[0].Lease)))
+			}
+			return
+		}
+		if backoff.Sleep(ctx, backoff.Jittered(attempt, 50*time.Millisecond, time.Second)) != nil {
+			break
+		}
+	}
+	if e.ctx.Err() != nil {
+		return // closing: the drain releases what names this server
 	}
 	rctx, rcancel := context.WithTimeout(e.ctx, e.session.TTL())
 	defer rcancel()
 	_ = e.releaseOrOwe(rctx, tokens) // what fails is owed and retried
-	_, now := e.members.Stable()
-	return now == rev
-}
-
-// latestMembership returns the highest ModRevision among the membership
-// keys.
-func (e *Elector) latestMembership(ctx context.Context) (int64, error) {
-	resp, err := e.cli.Get(ctx, e.keys.ServerPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly())
-	if err != nil {
-		return 0, err
-	}
-	var latest int64
-	for _, kv := range resp.Kvs {
-		latest = max(latest, kv.ModRevision)
-	}
-	return latest, nil
-}
-
-// awaitMembers waits until the view of the live-server set holds every
-// change up to revision rev, or ctx ends.
-func (e *Elector) awaitMembers(ctx context.Context, rev int64) {
-	for {
-		changed := e.members.Changed()
-		if _, have := e.members.Stable(); have >= rev {
-			return
-		}
-		select {
-		case <-changed:
-		case <-ctx.Done():
-			return
-		}
-	}
 }

@@ -56,6 +56,15 @@ func (acq *acquisitions) since(i int) []acquired {
 	return append([]acquired(nil), acq.log[i:]...)
 }
 
+// settled waits until n acquisitions are recorded (OnAcquire runs just
+// after an ownership starts acting) and returns n: the mark after which
+// acquisitions are new.
+func (acq *acquisitions) settled(t *testing.T, n int) int {
+	t.Helper()
+	testutil.Eventually(t, 10*time.Second, "every acquisition's callback", func() bool { return acq.len() >= n })
+	return n
+}
+
 func (acq *acquisitions) len() int {
 	acq.mu.Lock()
 	defer acq.mu.Unlock()
@@ -89,7 +98,7 @@ func TestRebalanceMovesOnlyTheJoinersShare(t *testing.T) {
 		nodes = append(nodes, startNode(t, e, id, acq.rebalancing(id, settle, 1)))
 	}
 	owners := placedOwners(t, nodes[0], nodes, 80)
-	mark := acq.len()
+	mark := acq.settled(t, len(owners))
 	joining := time.Now() // before d's membership key exists
 	nodes = append(nodes, startNode(t, e, "d", acq.rebalancing("d", settle, 1)))
 	testutil.Eventually(t, 30*time.Second, "every app on its preferred server of four", func() bool {
@@ -137,7 +146,7 @@ func TestRebalanceIgnoresAFlappingServer(t *testing.T) {
 		nodes = append(nodes, startNode(t, e, id, acq.rebalancing(id, settle, 1)))
 	}
 	owners := placedOwners(t, nodes[0], nodes, 60)
-	mark := acq.len()
+	mark := acq.settled(t, len(owners))
 	flapUntil := time.Now().Add(2 * settle)
 	for time.Now().Before(flapUntil) {
 		f := startFlapper(t, e, acq.rebalancing("f", settle, 1))
@@ -200,7 +209,7 @@ func TestCordonMovesAppsAwayAtTheRate(t *testing.T) {
 	if onC < 5 {
 		t.Fatalf("c owns %d apps; the test needs a few", onC)
 	}
-	mark := acq.len()
+	mark := acq.settled(t, len(owners))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := c.Cordon(ctx); err != nil {
@@ -229,7 +238,7 @@ func TestCordonMovesAppsAwayAtTheRate(t *testing.T) {
 	}
 	t.Logf("%d apps moved off c in %v at %.1f/s allowed", len(moves), moves[len(moves)-1].at.Sub(first), perSecond)
 
-	mark = acq.len()
+	mark = acq.settled(t, len(owners)+onC)
 	if err := c.Uncordon(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -258,7 +267,7 @@ func TestBalanceOffNeverRebalances(t *testing.T) {
 		nodes = append(nodes, startNode(t, e, id, off(id)))
 	}
 	owners := placedOwners(t, nodes[0], nodes, 30)
-	mark := acq.len()
+	mark := acq.settled(t, len(owners))
 	d := startNode(t, e, "d", off("d"))
 	// A node with Balance on, joining the same set, would rebalance
 	// within the settle delay; give it ten times that.
