@@ -85,6 +85,9 @@ type Cluster struct {
 	members []*member
 	client  *clientv3.Client
 	closed  bool
+
+	proxiesMu sync.Mutex
+	proxies   []*GRPCProxy // stopped by Close, before the members
 }
 
 type member struct {
@@ -465,6 +468,13 @@ func (e *Cluster) StopLeader(ctx context.Context) (int, error) {
 // Close closes the Cluster's own client, stops every member and removes what
 // it created. It is idempotent.
 func (e *Cluster) Close() error {
+	e.proxiesMu.Lock()
+	proxies := e.proxies
+	e.proxies = nil
+	e.proxiesMu.Unlock()
+	for _, p := range proxies {
+		p.Stop()
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.closed {
