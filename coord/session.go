@@ -287,7 +287,8 @@ func (s *Session) stale(res roundResult) bool {
 // ErrLeaseLost.
 func (s *Session) giveUp(lease clientv3.LeaseID, cause error) {
 	s.logger.Warn("lease kept alive but unconfirmed for a TTL past its deadline; giving it up so that other servers take its apps",
-		"lease", fmt.Sprintf("%x", lease), "last_error", cause)
+		"lease", fmt.Sprintf("%x", lease), "last_error", cause,
+		"hint", "if this server reaches etcd through etcd's gRPC proxy, point it at the etcd members: the proxy drops watch progress requests, which the guard needs")
 	ctx, cancel := context.WithTimeout(s.ctx, s.interval())
 	defer cancel()
 	if _, err := s.cli.Revoke(ctx, lease); err != nil && !isLeaseNotFound(err) {

@@ -4,6 +4,11 @@ import (
 	"context"
 	"testing"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/testutil"
 )
 
 // TestSameLeaseAndTokensAfterEtcdWasEntirelyDown: every member stopped for
@@ -77,4 +82,39 @@ func TestSameLeaseAndTokensAfterEtcdWasEntirelyDown(t *testing.T) {
 		}
 	}
 	c.rec.expectClean(t)
+}
+
+// etcd's gRPC proxy drops watch progress requests, which the guard needs
+// to confirm that the owner watch has caught up with a read: a server that
+// reaches etcd through the proxy is confirmed only while the last write
+// to etcd happens to be one its owner watch delivered, and its guard
+// fires after any other write. Servers dial the members; only workers go
+// through proxies (README, "Large fleets").
+func TestAServerThroughTheGRPCProxyIsNotReliablyReady(t *testing.T) {
+	c := newCluster(t, 1, 2*time.Second)
+	proxy, err := c.etcd.StartGRPCProxy()
+	if err != nil {
+		t.Fatal(err)
+	}
+	direct := c.addNode("direct")
+	proxied := c.addNode("proxied", withClient(func([]string) *clientv3.Client { return testutil.Client(t, c.etcd, proxy.Endpoint()) }))
+	apps := c.registerN(t, 2)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := direct.el.Elect(ctx, apps[0], coord.ProtocolHTTP, ""); err != nil {
+		t.Fatalf("the server dialling etcd directly: %v", err)
+	}
+	c.register(t, "written-after-the-last-owner-key") // a write no owner watch delivers
+	// The proxied server's rounds wait in vain for the progress that would
+	// show its owner watch past that write, and its guard fires (a fresh
+	// owner watch then confirms it again, until the next such write).
+	testutil.Eventually(t, 10*time.Second, "the proxied server's guard to fire", func() bool {
+		if err := direct.session.Check(); err != nil {
+			t.Fatalf("the direct server's guard fired too: %v", err)
+		}
+		return proxied.session.Check() != nil
+	})
+	if _, err := direct.el.Elect(ctx, apps[1], coord.ProtocolHTTP, ""); err != nil {
+		t.Fatalf("the server dialling etcd directly, meanwhile: %v", err)
+	}
 }
