@@ -124,10 +124,13 @@
 // ReasonRebalanced. That Txn also compares every membership key's
 // ModRevision with the revision of the view the move was planned on: a
 // server that joined or changed weight since makes the move fail. A move
-// that failed, or whose response was lost, is undone: a key that still
-// holds its token was not moved and nobody else can have owned the app
-// meanwhile, so the server owns it again under that token, as after a
-// pause of its guard, and plans afresh once the set has settled again. A
+// that was not made is undone: a key that still holds its token was not
+// moved and nobody else can have owned the app meanwhile. If the move's
+// Txn failed, the server owns the key again under that token, as after a
+// pause of its guard; if its answer was lost, etcd may still apply it
+// later, so the server first fences it off by rewriting the key with its
+// own record (guarded by the token) and owns the app under the new token.
+// It plans afresh once the set has settled again. A
 // server that left cannot change an app's first
 // choice (rendezvous hashing), and the target's own membership is
 // compared. Since all servers compute the same preferred server from the

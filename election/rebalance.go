@@ -2,6 +2,7 @@ package election
 
 import (
 	"context"
+	"errors"
 	"maps"
 	"slices"
 	"time"
@@ -35,9 +36,10 @@ import (
 //     sending the app to a server that is no longer its preferred one.
 //     A server that left cannot make a preferred server another one
 //     (rendezvous hashing), and the target's own membership is compared.
-//     A move that fails, or whose outcome is unknown, is undone: every
-//     key that still holds its token is owned again, under that token
-//     (undoMove), and the next round plans afresh.
+//     A move that was not made is undone (undoMove): every key that
+//     still holds its token is owned again — under that token when the
+//     Txn failed, under a new one written over it when its answer was
+//     lost — and the next round plans afresh.
 //
 // Every server computes the same preferred server from the same set, and
 // a server never moves an app it prefers itself, so one change of the set
@@ -247,8 +249,12 @@ func (e *Elector) move(to string, apps []int64, rev int64) bool {
 	ctx, cancel := context.WithTimeout(e.ctx, e.session.TTL())
 	defer cancel()
 	unchanged := clientv3.Compare(clientv3.ModRevision(e.keys.ServerPrefix()), "<", rev+1).WithPrefix()
+	// The move's outcome is known unless its Txn was sent and no answer
+	// came back: then etcd may still apply it, later.
+	sent := false
 	target, err := e.handoverTarget(ctx, to)
 	if err == nil {
+		sent = true
 		_, err = e.transferBatch(ctx, target, slices.Collect(maps.Keys(tokens)), tokens, unchanged)
 	}
 	if err == nil {
@@ -257,50 +263,90 @@ func (e *Elector) move(to string, apps []int64, rev int64) bool {
 		return true
 	}
 	e.logger.Info("rebalancing move not made; taking the apps back", "to", to, "apps", len(tokens), "error", err)
-	e.undoMove(tokens)
+	e.undoMove(tokens, sent && !errors.Is(err, errGuardFailed))
 	return false
 }
 
-// undoMove takes back the apps of a move that failed or whose outcome is
-// unknown (app → the token of the ownership the move stopped). A key that
-// still holds its token was not moved: nobody else can have owned the app
-// meanwhile, so this server owns it again under the same token, as after
-// a pause of its guard, and a later round — planned on the view that made
-// the move fail — moves it where it belongs now. Any other key was moved,
-// or changed hands otherwise, and is left alone. Only if etcd cannot be
-// read for a whole TTL are the apps released the way HandOver releases
-// them.
-func (e *Elector) undoMove(tokens map[int64]int64) {
-	ops := make([]clientv3.Op, 0, len(tokens))
-	apps := slices.Collect(maps.Keys(tokens))
-	for _, app := range apps {
-		ops = append(ops, clientv3.OpGet(e.keys.Owner(app)))
-	}
+// undoMove takes back the apps of a move that was not made (app → the
+// token of the ownership the move stopped). A key that still holds its
+// token was not moved, and nobody else can have owned the app meanwhile.
+//
+// When the move's Txn failed (or was never sent), it can never apply: the
+// server owns such a key again under the same token, as after a pause of
+// its guard. When its outcome is unknown (no answer), etcd may still apply
+// it after any read: the server then fences it off, rewriting each key
+// that still holds its token with its own record, and owns the app under
+// the new token — the move's Txn, comparing the old one, can only fail
+// from then on. Either way a later round, planned on the view that made
+// the move fail, moves the app where it belongs now. Keys that changed
+// are left alone. Only if etcd cannot be reached for a whole TTL are the
+// apps released the way HandOver releases them (token-fenced too).
+func (e *Elector) undoMove(tokens map[int64]int64, unknown bool) {
 	ctx, cancel := context.WithTimeout(e.ctx, e.session.TTL())
 	defer cancel()
-	for attempt := 0; ; attempt++ {
-		resp, err := e.cli.Txn(ctx).Then(ops...).Commit()
-		if err == nil {
-			e.mu.Lock()
-			defer e.mu.Unlock()
-			for i, app := range apps {
-				kvs := resp.Responses[i].GetResponseRange().Kvs
-				if len(kvs) == 0 || kvs[0].ModRevision != tokens[app] {
-					continue
-				}
-				delete(e.resigning, app)
-				e.tryActivate(e.own(app, tokens[app], clientv3.LeaseID(kvs[0].Lease)))
-			}
-			return
-		}
-		if backoff.Sleep(ctx, backoff.Jittered(attempt, 50*time.Millisecond, time.Second)) != nil {
+	left := maps.Clone(tokens)
+	for attempt := 0; len(left) > 0; attempt++ {
+		if attempt > 0 && backoff.Sleep(ctx, backoff.Jittered(attempt-1, 50*time.Millisecond, time.Second)) != nil {
 			break
 		}
+		for app, token := range left {
+			if e.takeBack(ctx, app, token, unknown) == nil {
+				delete(left, app)
+			}
+		}
 	}
-	if e.ctx.Err() != nil {
-		return // closing: the drain releases what names this server
+	if len(left) == 0 || e.ctx.Err() != nil {
+		return // done, or closing: the drain releases what names this server
 	}
 	rctx, rcancel := context.WithTimeout(e.ctx, e.session.TTL())
 	defer rcancel()
-	_ = e.releaseOrOwe(rctx, tokens) // what fails is owed and retried
+	_ = e.releaseOrOwe(rctx, left) // what fails is owed and retried
+}
+
+// takeBack owns app again if its key still holds token (see undoMove); with
+// fence, under a new token written over it. A key that names this server
+// under its current lease at another revision is a fence of an earlier
+// attempt whose answer was lost, and is owned too. It returns an error
+// only when etcd did not answer.
+func (e *Elector) takeBack(ctx context.Context, app, token int64, fence bool) error {
+	key := e.keys.Owner(app)
+	lease := e.session.Lease()
+	txn := e.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", token))
+	if fence {
+		val, err := coord.OwnerRecord{
+			ServerID:   e.cfg.ServerID,
+			Control:    e.cfg.Control,
+			Protocols:  e.cfg.Protocols,
+			TTLMillis:  e.session.TTL().Milliseconds(),
+			AcquiredAt: time.Now().UTC(),
+		}.Encode()
+		if err != nil {
+			return err
+		}
+		txn = txn.Then(clientv3.OpPut(key, string(val), clientv3.WithLease(lease)))
+	}
+	resp, err := txn.Else(clientv3.OpGet(key)).Commit()
+	if err != nil {
+		return err
+	}
+	own := func(rev int64, lease clientv3.LeaseID) {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		delete(e.resigning, app)
+		e.tryActivate(e.own(app, rev, lease))
+	}
+	switch {
+	case resp.Succeeded && fence:
+		own(resp.Header.Revision, lease)
+	case resp.Succeeded:
+		own(token, lease)
+	case fence:
+		kvs := resp.Responses[0].GetResponseRange().Kvs
+		if len(kvs) == 1 && clientv3.LeaseID(kvs[0].Lease) == lease {
+			if rec, err := coord.DecodeOwnerRecord(kvs[0].Value); err == nil && rec.ServerID == e.cfg.ServerID {
+				own(kvs[0].ModRevision, lease)
+			}
+		}
+	}
+	return nil
 }

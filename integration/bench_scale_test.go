@@ -1,0 +1,224 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/testutil"
+	"github.com/batonhq/baton/server"
+	"github.com/batonhq/baton/server/servertest"
+)
+
+// BenchmarkScale: 10 servers on an embedded 3-member etcd, one watching
+// worker Discovery per app. "proxied": the workers share 100 etcd clients
+// that reach etcd through 10 in-process gRPC proxies (10 clients each), the
+// large-fleet deployment; "direct": the same 100 clients dial the members.
+// At 10,000 and 30,000 apps; BATON_BENCH_SCALE=100k adds 100,000. Reports,
+// per size: etcd's watch streams and watchers (its own gauges, summed over
+// the members), cold start apps/s, heap bytes per app on the servers and
+// per Discovery, the whole process's CPU seconds per second while idle
+// (etcd, servers and workers share this process), and for the crash of
+// one server and then the drain of another: the time until every one of
+// its apps acts elsewhere (p100, from the crash or the start of Close)
+// and until its apps' workers follow (p99, p100). Run with -benchtime=1x.
+func BenchmarkScale(b *testing.B) {
+	sizes := []int{10000, 30000}
+	if os.Getenv("BATON_BENCH_SCALE") == "100k" {
+		sizes = append(sizes, 100000)
+	}
+	for _, apps := range sizes {
+		for _, mode := range []string{"proxied", "direct"} {
+			b.Run(fmt.Sprintf("apps=%d/%s", apps, mode), func(b *testing.B) {
+				for range b.N {
+					scaleRun(b, apps, mode == "proxied")
+				}
+			})
+		}
+	}
+}
+
+const (
+	scaleServers = 10
+	scaleProxies = 10
+	scaleClients = 100
+)
+
+func scaleRun(b *testing.B, apps int, proxied bool) {
+	e := testutil.Etcd(b, 3)
+	bc := newBenchClusterOn(b, e, scaleServers)
+	ids := registerMany(b, bc, apps)
+
+	heap0, _ := heapAndGoroutines()
+	start := time.Now()
+	placeAll(b, bc.nodes, ids)
+	b.ReportMetric(float64(apps)/time.Since(start).Seconds(), "cold-apps/s")
+	heap1, _ := heapAndGoroutines()
+	b.ReportMetric(float64(heap1-heap0)/float64(apps), "server-B/app")
+
+	var endpoints [][]string
+	for range scaleProxies {
+		if !proxied {
+			endpoints = append(endpoints, e.Endpoints())
+			continue
+		}
+		p, err := e.StartGRPCProxy()
+		if err != nil {
+			b.Fatal(err)
+		}
+		endpoints = append(endpoints, []string{p.Endpoint()})
+	}
+	var clients []*clientv3.Client
+	for i := range scaleClients {
+		clients = append(clients, testutil.Client(b, e, endpoints[i%len(endpoints)]...))
+	}
+	w0, s0 := etcdWatchGauges(b)
+	f := startFleet(b, fleetConfig{N: apps, App: func(i int) string { return fmt.Sprintf("app-%d", i) }, Clients: clients, Servers: bc.addrs()})
+	heap2, _ := heapAndGoroutines()
+	b.ReportMetric(float64(heap2-heap1)/float64(apps), "worker-B/app")
+	watchers, streams := etcdWatchGauges(b)
+	b.ReportMetric(watchers-w0, "etcd-watchers")
+	b.ReportMetric(streams-s0, "etcd-watch-streams")
+	b.ReportMetric(idleCPU(b, 10*time.Second), "idle-cpu-s/s")
+
+	byApp := map[int64]int{} // app id → worker index
+	for i, id := range ids {
+		byApp[id] = i
+	}
+	crashed, drained, others := bc.nodes[0], bc.nodes[1], bc.nodes[2:]
+	scaleFailover(b, f, byApp, crashed, append([]*server.Node{drained}, others...), "crash", func() { servertest.Crash(crashed) })
+	scaleFailover(b, f, byApp, drained, others, "drain", func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := drained.Close(ctx); err != nil {
+			b.Errorf("drain: %v", err)
+		}
+	})
+}
+
+// placeAll asks for every app once, app i of nodes[i%len(nodes)], with 16
+// callers per node, as workers listing the servers in different orders
+// do: each app is placed on its preferred server (Balance is on), so
+// rebalancing has nothing to move. It waits until every app is acted for.
+func placeAll(b *testing.B, nodes []*server.Node, ids []int64) {
+	work := make(chan int, len(ids))
+	for i := range ids {
+		work <- i
+	}
+	close(work)
+	var wg sync.WaitGroup
+	for range 16 * len(nodes) {
+		wg.Go(func() {
+			for i := range work {
+				if _, err := nodes[i%len(nodes)].Elector().Place(context.Background(), ids[i], coord.ProtocolHTTP, ""); err != nil {
+					b.Errorf("place app %d: %v", ids[i], err)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		total := 0
+		for _, n := range nodes {
+			total += len(n.Elector().Owned())
+		}
+		if total == len(ids) {
+			return
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("%d of %d apps acted for", total, len(ids))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// scaleFailover takes gone's apps away (stop: a crash or a drain) and
+// reports when the last of them acts on one of others and when their
+// workers follow, both measured from the start of stop.
+func scaleFailover(b *testing.B, f *fleet, byApp map[int64]int, gone *server.Node, others []*server.Node, name string, stop func()) {
+	var affected []int64
+	for _, o := range gone.Elector().Owned() {
+		affected = append(affected, o.App)
+	}
+	owned := func() int {
+		total := 0
+		for _, n := range others {
+			for _, app := range affected {
+				if _, ok := n.Elector().Ownership(app); ok {
+					total++
+				}
+			}
+		}
+		return total
+	}
+	start := time.Now()
+	var acting time.Duration
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for owned() < len(affected) {
+			if time.Since(start) > 60*time.Second {
+				b.Errorf("%s: %d of %d apps act elsewhere after 60 s", name, owned(), len(affected))
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		acting = time.Since(start)
+	})
+	stop()
+	wg.Wait()
+	b.ReportMetric(float64(len(affected)), name+"-apps")
+	b.ReportMetric(acting.Seconds(), name+"-p100-acting-s")
+
+	var follow []time.Duration
+	deadline := time.Now().Add(60 * time.Second)
+	for _, app := range affected {
+		i := byApp[app]
+		for {
+			f.mu.Lock()
+			now := f.now[i]
+			f.mu.Unlock()
+			if now.addr != "" && now.addr != gone.Addr() {
+				follow = append(follow, now.at.Sub(start))
+				break
+			}
+			if time.Now().After(deadline) {
+				b.Fatalf("%s: worker of app %d still at %s after 60 s", name, app, now.addr)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	b.ReportMetric(percentile(follow, 0.99).Seconds(), name+"-p99-workers-s")
+	b.ReportMetric(percentile(follow, 1).Seconds(), name+"-p100-workers-s")
+}
+
+// etcdWatchGauges reads etcd's own watcher and watch-stream gauges, summed
+// over the members in this process.
+func etcdWatchGauges(b *testing.B) (watchers, streams float64) {
+	return testutil.Metric(b, prometheus.DefaultGatherer, "etcd_debugging_mvcc_watcher_total", ""),
+		testutil.Metric(b, prometheus.DefaultGatherer, "etcd_debugging_mvcc_watch_stream_total", "")
+}
+
+// idleCPU is this process's CPU seconds per second of wall time over
+// window, with nothing happening but the servers' rounds, keepalives and
+// the workers' re-checks.
+func idleCPU(b *testing.B, window time.Duration) float64 {
+	cpu := func() time.Duration {
+		var ru syscall.Rusage
+		if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+			b.Fatal(err)
+		}
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	c0, t0 := cpu(), time.Now()
+	<-time.After(window) // the window itself is the measurement
+	return (cpu() - c0).Seconds() / time.Since(t0).Seconds()
+}
