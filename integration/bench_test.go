@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
@@ -19,6 +21,7 @@ import (
 	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
+	"github.com/batonhq/baton/server/servertest"
 	"github.com/batonhq/baton/worker"
 )
 
@@ -35,6 +38,7 @@ type benchCluster struct {
 	keys  keyspace.Keys
 	nodes []*server.Node
 	seq   int
+	edit  func(*server.Config) // applied to every node's config, if set
 }
 
 func newBenchCluster(b *testing.B, nodes int) *benchCluster {
@@ -43,8 +47,16 @@ func newBenchCluster(b *testing.B, nodes int) *benchCluster {
 
 // newBenchClusterOn starts nodes servers on the given etcd.
 func newBenchClusterOn(b *testing.B, e *etcdcluster.Cluster, nodes int) *benchCluster {
+	return newBenchClusterWith(b, e, nodes, nil)
+}
+
+// newBenchClusterWith starts nodes servers on the given etcd, each
+// configured by server.DefaultConfig and then edit (if set), which sees
+// the node's ServerID ("s1", "s2", … in start order). Nodes added later
+// (addNode, replace) get the same edit.
+func newBenchClusterWith(b *testing.B, e *etcdcluster.Cluster, nodes int, edit func(*server.Config)) *benchCluster {
 	keys, _ := keyspace.New(prefix)
-	bc := &benchCluster{b: b, etcd: e, keys: keys}
+	bc := &benchCluster{b: b, etcd: e, keys: keys, edit: edit}
 	for range nodes {
 		bc.addNode("127.0.0.1:0")
 	}
@@ -58,6 +70,9 @@ func (bc *benchCluster) addNode(listen string) *server.Node {
 	cfg := server.DefaultConfig()
 	cfg.Client = testutil.Client(bc.b, bc.etcd)
 	cfg.Prefix, cfg.ServerID, cfg.TTL, cfg.Listen = prefix, fmt.Sprintf("s%d", bc.seq), ttl, listen
+	if bc.edit != nil {
+		bc.edit(&cfg)
+	}
 	n, err := server.NewNode(cfg)
 	if err != nil {
 		bc.b.Fatal(err)
@@ -79,19 +94,61 @@ func (bc *benchCluster) addNode(listen string) *server.Node {
 // replace removes old from the cluster and starts a new server (new id)
 // listening on listen.
 func (bc *benchCluster) replace(old *server.Node, listen string) {
-	bc.nodes = slices.DeleteFunc(bc.nodes, func(x *server.Node) bool { return x == old })
+	bc.remove(old)
 	bc.addNode(listen)
 	// Every server sees every other before the next trial, so that the
 	// successor is chosen among all of them.
+	bc.awaitMembers()
+}
+
+// awaitMembers waits until every node's view of the live servers holds
+// exactly the cluster's nodes.
+func (bc *benchCluster) awaitMembers() {
 	deadline := time.Now().Add(10 * time.Second)
 	for _, n := range bc.nodes {
-		for len(n.Elector().Members().Servers()) != len(bc.nodes) {
+		for !sameMembers(n.Elector().Members().Servers(), bc.nodes) {
 			if time.Now().After(deadline) {
 				bc.b.Fatal("membership did not settle")
 			}
 			time.Sleep(time.Millisecond)
 		}
 	}
+}
+
+func sameMembers(view []coord.ServerRecord, nodes []*server.Node) bool {
+	if len(view) != len(nodes) {
+		return false
+	}
+	for _, n := range nodes {
+		if !slices.ContainsFunc(view, func(r coord.ServerRecord) bool { return r.ServerID == n.ID() }) {
+			return false
+		}
+	}
+	return true
+}
+
+// remove takes n out of the cluster's nodes (after it crashed or
+// closed).
+func (bc *benchCluster) remove(n *server.Node) {
+	bc.nodes = slices.DeleteFunc(bc.nodes, func(x *server.Node) bool { return x == n })
+}
+
+// wipe crashes every node and revokes its lease, so that its membership
+// key, owner keys and locks go at once: the etcd is left with the app
+// registry only, for the next cluster to start on. Close after a crash
+// does nothing, so the nodes' cleanups cost nothing either.
+func (bc *benchCluster) wipe() {
+	for _, n := range bc.nodes {
+		lease := n.Session().Lease()
+		servertest.Crash(n)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_, err := bc.etcd.Client().Revoke(ctx, lease)
+		cancel()
+		if err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			bc.b.Fatal(err)
+		}
+	}
+	bc.nodes = nil
 }
 
 func (bc *benchCluster) addrs() []string {
@@ -394,6 +451,12 @@ func putP50(b *testing.B, cli *clientv3.Client, n int) time.Duration {
 // any write costs to reach that many watchers on this machine, measured
 // in the same run as the figures it explains.
 func fanOutP50(b *testing.B, writer *clientv3.Client, clients []*clientv3.Client, n int) time.Duration {
+	return percentile(fanOut(b, writer, clients, n), 0.5)
+}
+
+// fanOut returns, for each of n plain puts, the time from the put until
+// every one of clients' watches of the key has received it.
+func fanOut(b *testing.B, writer *clientv3.Client, clients []*clientv3.Client, n int) []time.Duration {
 	const key = "/bench/fanout"
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -425,5 +488,5 @@ func fanOutP50(b *testing.B, writer *clientv3.Client, clients []*clientv3.Client
 		}
 		samples = append(samples, time.Since(start))
 	}
-	return percentile(samples, 0.5)
+	return samples
 }
