@@ -196,3 +196,36 @@ func (c *checker) verdict() []string {
 	}
 	return problems
 }
+
+// handoff is one move of an app between servers: an ownership that began
+// on another server than the app's previous one.
+type handoff struct {
+	app      int64
+	from, to string
+	token    int64
+	start    int64 // CLOCK_MONOTONIC
+}
+
+// movesAfter lists the moves whose ownership began after at
+// (CLOCK_MONOTONIC), in order of their start. An app's first ownership
+// is no move, nor is a server taking an app back with the same token
+// (after its guard resumed).
+func (c *checker) movesAfter(at int64) []handoff {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	byApp := map[int64][]*interval{}
+	for _, iv := range c.intervals {
+		byApp[iv.app] = append(byApp[iv.app], iv)
+	}
+	var out []handoff
+	for app, ivs := range byApp {
+		sort.Slice(ivs, func(i, j int) bool { return ivs[i].start < ivs[j].start })
+		for i := 1; i < len(ivs); i++ {
+			if ivs[i].start > at && ivs[i].server != ivs[i-1].server {
+				out = append(out, handoff{app: app, from: ivs[i-1].server, to: ivs[i].server, token: ivs[i].token, start: ivs[i].start})
+			}
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].start < out[j].start })
+	return out
+}

@@ -40,6 +40,7 @@ type cluster struct {
 	ttl    time.Duration
 	ttls   map[string]time.Duration // a node's own TTL, when not ttl
 	args   []string                 // more flags for every node
+	extra  map[string][]string      // more flags for one node, after args
 	check  *checker
 	nodes  map[string]*proc
 	http   *http.Client
@@ -72,7 +73,7 @@ func newClusterOn(t *testing.T, e *etcdcluster.Cluster, pfx string, ttl time.Dur
 	}
 	tr := &http.Transport{}
 	t.Cleanup(tr.CloseIdleConnections)
-	return &cluster{t: t, etcd: e, prefix: pfx, keys: keys, ttl: ttl, ttls: map[string]time.Duration{},
+	return &cluster{t: t, etcd: e, prefix: pfx, keys: keys, ttl: ttl, ttls: map[string]time.Duration{}, extra: map[string][]string{},
 		check: newChecker(), nodes: map[string]*proc{},
 		http: &http.Client{Transport: tr, Timeout: 5 * time.Second}}
 }
@@ -160,6 +161,7 @@ func (c *cluster) startNode(id string) (*proc, error) {
 		"-advertise", strings.TrimPrefix(peerURL, "http://"), "-external", p.public,
 		"-ttl", c.ttlOf(id).String(), "-prefix", c.prefix, "-log-level", nodeLogLevel())
 	p.cmd.Args = append(p.cmd.Args, c.args...)
+	p.cmd.Args = append(p.cmd.Args, c.extra[id]...)
 	stdout, err := p.cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
