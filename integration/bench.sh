@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Runs baton's benchmarks and prints one table. About 14 minutes on a
-# 2-core machine, most of it the PowerJob-style baseline's 10 s polling
-# and the steady state's idle window. Figures are medians/percentiles over
-# trials and ratios against baselines measured in the same run.
+# Runs baton's benchmarks and prints one table. About 15 minutes on a
+# 2-core machine, most of it the PowerJob-style baseline's 10 s polling,
+# the rebalancing scenarios' rate-limited moves and the steady state's
+# idle window. Figures are medians/percentiles over trials and ratios
+# against baselines measured in the same run.
 #
 #   integration/bench.sh                        # everything
-#   BATON_BENCH_IDLE=30s integration/bench.sh   # shorter idle window
+#   BATON_BENCH_IDLE=2m integration/bench.sh    # a longer idle window
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${BATON_BENCH_IDLE:=2m}"
+: "${BATON_BENCH_IDLE:=30s}"
 export BATON_BENCH_IDLE
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
@@ -19,6 +20,7 @@ start=$(date +%s)
 	go test ./integration -run '^$' -bench 'ColdStart|Memory|SteadyState' -benchtime 1x -count 1 -timeout 20m
 	go test ./integration -run '^$' -bench 'LeaderLossStorm' -benchtime 5x -count 1 -timeout 20m
 	go test ./integration -run '^$' -bench 'Placement' -benchtime 1x -count 3 -timeout 20m
+	go test ./integration -run '^$' -bench 'Rebalance' -benchtime 1x -count 1 -timeout 20m
 } 2>&1 | grep -E '^(Benchmark|ok|FAIL|goos|goarch|cpu|pkg)' | tee "$out"
 echo
 echo "== table (one line per benchmark: its own metrics; $(( $(date +%s) - start )) s in all)"
