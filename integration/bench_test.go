@@ -45,9 +45,13 @@ func newBenchCluster(b *testing.B, nodes int) *benchCluster {
 	return newBenchClusterOn(b, testutil.Etcd(b, 1), nodes)
 }
 
-// newBenchClusterOn starts nodes servers on the given etcd.
+// newBenchClusterOn starts nodes servers on the given etcd, with Balance
+// off: the benchmarks written before balancing place apps themselves
+// (electAll: app i on node i%n) and time trials longer than the settle
+// delay, which rebalancing would disturb by moving apps mid-trial.
+// Elector.Place places by preference all the same.
 func newBenchClusterOn(b *testing.B, e *etcdcluster.Cluster, nodes int) *benchCluster {
-	return newBenchClusterWith(b, e, nodes, nil)
+	return newBenchClusterWith(b, e, nodes, func(c *server.Config) { c.Balance = false })
 }
 
 // newBenchClusterWith starts nodes servers on the given etcd, each
