@@ -64,10 +64,12 @@ type rateBucket struct {
 }
 
 // refill adds what perSecond has earned since the last refill, up to one
-// tick's worth (at least one app).
+// app plus one tick's worth: the fraction of an app left after a tick's
+// moves carries over, or a rate that is not a whole number of apps per
+// tick would be rounded down.
 func (b *rateBucket) refill(perSecond float64) {
 	now := time.Now()
-	burst := max(1, perSecond*rebalanceTick.Seconds())
+	burst := 1 + perSecond*rebalanceTick.Seconds()
 	b.tokens = min(burst, b.tokens+perSecond*now.Sub(b.at).Seconds())
 	b.at = now
 }

@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"sync"
 	"syscall"
@@ -59,7 +60,7 @@ func scaleRun(b *testing.B, apps int, proxied bool) {
 
 	heap0, _ := heapAndGoroutines()
 	start := time.Now()
-	placeAll(b, bc.nodes, ids)
+	placeFromAll(b, bc.nodes, ids)
 	b.ReportMetric(float64(apps)/time.Since(start).Seconds(), "cold-apps/s")
 	heap1, _ := heapAndGoroutines()
 	b.ReportMetric(float64(heap1-heap0)/float64(apps), "server-B/app")
@@ -81,7 +82,12 @@ func scaleRun(b *testing.B, apps int, proxied bool) {
 		clients = append(clients, testutil.Client(b, e, endpoints[i%len(endpoints)]...))
 	}
 	w0, s0 := etcdWatchGauges(b)
-	f := startFleet(b, fleetConfig{N: apps, App: func(i int) string { return fmt.Sprintf("app-%d", i) }, Clients: clients, Servers: bc.addrs()})
+	// One HTTP client for all: a connection of its own per worker, as
+	// worker processes have, would take two of this process's file
+	// descriptors each (both ends are here).
+	tr := &http.Transport{MaxConnsPerHost: 64, MaxIdleConnsPerHost: 64}
+	b.Cleanup(tr.CloseIdleConnections)
+	f := startFleet(b, fleetConfig{N: apps, App: func(i int) string { return fmt.Sprintf("app-%d", i) }, Clients: clients, Servers: bc.addrs(), HTTPClient: &http.Client{Transport: tr}})
 	heap2, _ := heapAndGoroutines()
 	b.ReportMetric(float64(heap2-heap1)/float64(apps), "worker-B/app")
 	watchers, streams := etcdWatchGauges(b)
@@ -104,11 +110,11 @@ func scaleRun(b *testing.B, apps int, proxied bool) {
 	})
 }
 
-// placeAll asks for every app once, app i of nodes[i%len(nodes)], with 16
+// placeFromAll asks for every app once, app i of nodes[i%len(nodes)], with 16
 // callers per node, as workers listing the servers in different orders
 // do: each app is placed on its preferred server (Balance is on), so
 // rebalancing has nothing to move. It waits until every app is acted for.
-func placeAll(b *testing.B, nodes []*server.Node, ids []int64) {
+func placeFromAll(b *testing.B, nodes []*server.Node, ids []int64) {
 	work := make(chan int, len(ids))
 	for i := range ids {
 		work <- i

@@ -5,8 +5,10 @@ package testutil
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -21,7 +23,8 @@ import (
 	"go.uber.org/zap"
 )
 
-// Logger returns an hclog logger that writes through t.Log and goes quiet
+// Logger returns an hclog logger that writes through t.Log (and to stderr
+// with BATON_TEST_LOG=stderr) and goes quiet
 // once the test has finished (a straggling etcd goroutine must not make
 // the test binary panic). For a fuzz test it discards everything: f.Log
 // may not be called while the fuzz target runs.
@@ -31,10 +34,16 @@ func Logger(t testing.TB) hclog.Logger {
 	}
 	w := &testWriter{t: t}
 	t.Cleanup(w.stop)
+	var out io.Writer = w
+	if os.Getenv("BATON_TEST_LOG") == "stderr" {
+		// Also straight to stderr: what a process that exits without
+		// finishing its test (an os.Exit deep in a library) logged last.
+		out = io.MultiWriter(w, os.Stderr)
+	}
 	return hclog.New(&hclog.LoggerOptions{
 		Name:   t.Name(),
 		Level:  hclog.Debug,
-		Output: w,
+		Output: out,
 	})
 }
 
