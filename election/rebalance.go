@@ -223,6 +223,16 @@ func (e *Elector) readyForApps(id string) bool {
 // end: the elector is draining or closing, or the move failed (the set
 // changed, or etcd failed it) and was undone.
 func (e *Elector) move(to string, apps []int64, rev int64) bool {
+	ctx, cancel := context.WithTimeout(e.ctx, e.session.TTL())
+	defer cancel()
+	// What the write needs of the target is read before anything stops:
+	// the apps are without an acting owner only for the Txn itself.
+	target, err := e.handoverTarget(ctx, to)
+	if err != nil {
+		e.logger.Info("not rebalancing to a server whose membership cannot be read", "to", to, "error", err)
+		return false
+	}
+
 	e.mu.Lock()
 	if e.draining || e.closed {
 		e.mu.Unlock()
@@ -248,24 +258,17 @@ func (e *Elector) move(to string, apps []int64, rev int64) bool {
 		return true
 	}
 
-	ctx, cancel := context.WithTimeout(e.ctx, e.session.TTL())
-	defer cancel()
 	unchanged := clientv3.Compare(clientv3.ModRevision(e.keys.ServerPrefix()), "<", rev+1).WithPrefix()
-	// The move's outcome is known unless its Txn was sent and no answer
-	// came back: then etcd may still apply it, later.
-	sent := false
-	target, err := e.handoverTarget(ctx, to)
-	if err == nil {
-		sent = true
-		_, err = e.transferBatch(ctx, target, slices.Collect(maps.Keys(tokens)), tokens, unchanged)
-	}
+	_, err = e.transferBatch(ctx, target, slices.Collect(maps.Keys(tokens)), tokens, unchanged)
 	if err == nil {
 		e.metrics.rebalanced(len(tokens))
 		e.logger.Debug("rebalanced", "to", to, "apps", len(tokens))
 		return true
 	}
+	// The Txn's outcome is known when it answered; without an answer etcd
+	// may still apply it, later.
 	e.logger.Info("rebalancing move not made; taking the apps back", "to", to, "apps", len(tokens), "error", err)
-	e.undoMove(tokens, sent && !errors.Is(err, errGuardFailed))
+	e.undoMove(tokens, !errors.Is(err, errGuardFailed))
 	return false
 }
 
@@ -273,7 +276,7 @@ func (e *Elector) move(to string, apps []int64, rev int64) bool {
 // token of the ownership the move stopped). A key that still holds its
 // token was not moved, and nobody else can have owned the app meanwhile.
 //
-// When the move's Txn failed (or was never sent), it can never apply: the
+// When the move's Txn failed, it can never apply: the
 // server owns such a key again under the same token, as after a pause of
 // its guard. When its outcome is unknown (no answer), etcd may still apply
 // it after any read: the server then fences it off, rewriting each key

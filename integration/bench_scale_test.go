@@ -31,10 +31,22 @@ import (
 // one server and then the drain of another: the time until every one of
 // its apps acts elsewhere (p100, from the crash or the start of Close)
 // and until its apps' workers follow (p99, p100). Run with -benchtime=1x.
+//
+// Not finished: on a 2-core machine the 10,000-app run does not complete
+// yet (its fleet's starts keep timing out), so by default it runs 1,000
+// apps; BATON_BENCH_SCALE=10k, 30k (both) or 100k (all three) runs the
+// issue's sizes. Each phase prints its duration to stderr as it ends.
 func BenchmarkScale(b *testing.B) {
-	sizes := []int{10000, 30000}
-	if os.Getenv("BATON_BENCH_SCALE") == "100k" {
-		sizes = append(sizes, 100000)
+	var sizes []int
+	switch os.Getenv("BATON_BENCH_SCALE") {
+	case "":
+		sizes = []int{1000}
+	case "10k":
+		sizes = []int{10000}
+	case "30k":
+		sizes = []int{10000, 30000}
+	default:
+		sizes = []int{10000, 30000, 100000}
 	}
 	for _, apps := range sizes {
 		for _, mode := range []string{"proxied", "direct"} {
@@ -54,14 +66,21 @@ const (
 )
 
 func scaleRun(b *testing.B, apps int, proxied bool) {
+	phase := time.Now()
+	done := func(what string) {
+		fmt.Fprintf(os.Stderr, "BenchmarkScale apps=%d proxied=%v: %s in %v\n", apps, proxied, what, time.Since(phase).Round(time.Millisecond))
+		phase = time.Now()
+	}
 	e := testutil.Etcd(b, 3)
 	bc := newBenchClusterOn(b, e, scaleServers)
 	ids := registerMany(b, bc, apps)
+	done("etcd, servers and registration")
 
 	heap0, _ := heapAndGoroutines()
 	start := time.Now()
 	placeFromAll(b, bc.nodes, ids)
 	b.ReportMetric(float64(apps)/time.Since(start).Seconds(), "cold-apps/s")
+	done("cold start")
 	heap1, _ := heapAndGoroutines()
 	b.ReportMetric(float64(heap1-heap0)/float64(apps), "server-B/app")
 
@@ -88,12 +107,14 @@ func scaleRun(b *testing.B, apps int, proxied bool) {
 	tr := &http.Transport{MaxConnsPerHost: 64, MaxIdleConnsPerHost: 64}
 	b.Cleanup(tr.CloseIdleConnections)
 	f := startFleet(b, fleetConfig{N: apps, App: func(i int) string { return fmt.Sprintf("app-%d", i) }, Clients: clients, Servers: bc.addrs(), HTTPClient: &http.Client{Transport: tr}})
+	done("fleet start")
 	heap2, _ := heapAndGoroutines()
 	b.ReportMetric(float64(heap2-heap1)/float64(apps), "worker-B/app")
 	watchers, streams := etcdWatchGauges(b)
 	b.ReportMetric(watchers-w0, "etcd-watchers")
 	b.ReportMetric(streams-s0, "etcd-watch-streams")
 	b.ReportMetric(idleCPU(b, 10*time.Second), "idle-cpu-s/s")
+	done("idle window")
 
 	byApp := map[int64]int{} // app id → worker index
 	for i, id := range ids {
@@ -101,6 +122,7 @@ func scaleRun(b *testing.B, apps int, proxied bool) {
 	}
 	crashed, drained, others := bc.nodes[0], bc.nodes[1], bc.nodes[2:]
 	scaleFailover(b, f, byApp, crashed, append([]*server.Node{drained}, others...), "crash", func() { servertest.Crash(crashed) })
+	done("crash")
 	scaleFailover(b, f, byApp, drained, others, "drain", func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
