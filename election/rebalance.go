@@ -168,6 +168,8 @@ func (e *Elector) rebalanceRound(bucket *rateBucket) bool {
 		apps := plan[to]
 		slices.Sort(apps)
 		var pinged time.Time
+		var target handoverTarget
+		var err error
 		for len(apps) > 0 {
 			for bucket.refill(perSecond); bucket.tokens < 1; bucket.refill(perSecond) {
 				select {
@@ -185,10 +187,21 @@ func (e *Elector) rebalanceRound(bucket *rateBucket) bool {
 					break
 				}
 				pinged = time.Now()
+				// What the writes need of the target, read once a ping:
+				// a lease that changed meanwhile fails the move's
+				// membership compare, which undoes it.
+				ctx, cancel := context.WithTimeout(e.ctx, e.session.TTL())
+				target, err = e.handoverTarget(ctx, to)
+				cancel()
+				if err != nil {
+					e.logger.Info("not rebalancing to a server whose membership cannot be read", "to", to, "error", err)
+					complete = false
+					break
+				}
 			}
 			n := min(int(bucket.tokens), len(apps), moveBatch)
 			bucket.tokens -= float64(n)
-			if !e.move(to, apps[:n], view.rev) {
+			if !e.move(target, apps[:n], view.rev) {
 				return false
 			}
 			apps = apps[n:]
@@ -218,20 +231,15 @@ func (e *Elector) readyForApps(id string) bool {
 	return true
 }
 
-// move hands apps to server to, which the view of the live-server set at
+// move hands apps to target, which the view of the live-server set at
 // revision rev prefers for them. It reports false when the round should
 // end: the elector is draining or closing, or the move failed (the set
 // changed, or etcd failed it) and was undone.
-func (e *Elector) move(to string, apps []int64, rev int64) bool {
+func (e *Elector) move(target handoverTarget, apps []int64, rev int64) bool {
 	ctx, cancel := context.WithTimeout(e.ctx, e.session.TTL())
 	defer cancel()
-	// What the write needs of the target is read before anything stops:
-	// the apps are without an acting owner only for the Txn itself.
-	target, err := e.handoverTarget(ctx, to)
-	if err != nil {
-		e.logger.Info("not rebalancing to a server whose membership cannot be read", "to", to, "error", err)
-		return false
-	}
+	to := target.record.ServerID
+	target.record.AcquiredAt = time.Now().UTC()
 
 	e.mu.Lock()
 	if e.draining || e.closed {
@@ -259,7 +267,7 @@ func (e *Elector) move(to string, apps []int64, rev int64) bool {
 	}
 
 	unchanged := clientv3.Compare(clientv3.ModRevision(e.keys.ServerPrefix()), "<", rev+1).WithPrefix()
-	_, err = e.transferBatch(ctx, target, slices.Collect(maps.Keys(tokens)), tokens, unchanged)
+	_, err := e.transferBatch(ctx, target, slices.Collect(maps.Keys(tokens)), tokens, unchanged)
 	if err == nil {
 		e.metrics.rebalanced(len(tokens))
 		e.logger.Debug("rebalanced", "to", to, "apps", len(tokens))
