@@ -49,13 +49,17 @@ func (r *recorder) callbacks(server string) election.Callbacks {
 			k := fmt.Sprintf("%s/%d", server, app)
 			r.enter(k)
 			defer r.leave(k)
-			r.add(event{server: server, app: app, token: token, kind: "acquire", at: time.Now()})
+			at := time.Now()
 			r.mu.Lock()
 			if _, open := r.open[k]; open {
 				r.problems = append(r.problems, fmt.Sprintf("%s: acquire %d while %d is open", k, token, r.open[k]))
 			}
 			r.open[k] = token
 			r.mu.Unlock()
+			// After open is updated: a waiter woken by this event must
+			// find the app owned (the last acquisition has no event after
+			// it to wake the waiter again).
+			r.add(event{server: server, app: app, token: token, kind: "acquire", at: at})
 			r.wg.Go(func() {
 				<-ctx.Done()
 				at, ok := electiontest.EndedAt(ctx)
