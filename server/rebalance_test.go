@@ -110,6 +110,7 @@ func TestRebalanceMovesOnlyTheJoinersShare(t *testing.T) {
 			want++
 		}
 	}
+	acq.settled(t, mark+want) // the last move's OnAcquire runs just after it acts
 	moves := acq.since(mark)
 	seen := map[int64]bool{}
 	for _, m := range moves {
@@ -218,6 +219,7 @@ func TestCordonMovesAppsAwayAtTheRate(t *testing.T) {
 	testutil.Eventually(t, 60*time.Second, "every app off the cordoned c", func() bool {
 		return balanced(owners, nodes, map[string]float64{"c": -1}) // weight ≤ 0 ranks last, as a cordon
 	})
+	acq.settled(t, mark+onC) // the last move's OnAcquire runs just after it acts
 	moves := acq.since(mark)
 	if len(moves) != onC {
 		t.Errorf("%d apps moved; c owned %d", len(moves), onC)
@@ -245,6 +247,7 @@ func TestCordonMovesAppsAwayAtTheRate(t *testing.T) {
 	testutil.Eventually(t, 60*time.Second, "c's apps back on c", func() bool {
 		return balanced(owners, nodes, nil)
 	})
+	acq.settled(t, mark+onC)
 	if back := acq.since(mark); len(back) != onC {
 		t.Errorf("%d apps moved back to the uncordoned c; it is preferred for %d", len(back), onC)
 	}
