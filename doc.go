@@ -42,14 +42,17 @@
 //	{p}/apps/names/{escaped name} app record {"id","name","createdAt"}
 //	{p}/apps/ids/{id}             the same record
 //	{p}/current-server/{appId}    owner record {"serverId","protocols","ttlMillis","acquiredAt"}, owner's lease
-//	{p}/locks/{appId}/            the app's concurrency.Mutex, electing server's lease
+//	{p}/locks/{appId}/            the app's concurrency.Mutex (taken to overwrite an existing owner key), electing server's lease
 //	{p}/servers/{serverId}        server record, that server's lease
 //	{p}/displaced/{appId}/{lease} displacement marker {"serverId","token"}, the displaced owner's lease
 //
 // The fencing token of an ownership is the ModRevision of its owner key.
-// An owner never rewrites its own record, so a write that compares the
+// An ownership never rewrites its own record, so a write that compares the
 // owner key's ModRevision with the token succeeds only while that
-// ownership lasts, and tokens strictly increase for each app.
+// ownership lasts, and tokens strictly increase for each app. (The one
+// rewrite by the same server — taking an app back after a rebalancing
+// move whose answer was lost — starts a new ownership under a new token,
+// after the old one ended.)
 //
 // A server that takes an app from an owner that is alive in etcd but does
 // not answer pings overwrites its owner key, and in the same Txn writes a
