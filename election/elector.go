@@ -421,6 +421,9 @@ func (e *Elector) put(app int64, k ownerKey) {
 	if e.isMine(k) {
 		if e.passOnIfUnwanted(app, k) {
 			delete(e.takeover.orphans, app)
+			if o := e.mine[app]; o != nil && o.token != k.modRev {
+				e.lose(o, ReasonDeposed) // its key has been replaced
+			}
 			return
 		}
 		if k.rec.HandedOverFrom != 0 {

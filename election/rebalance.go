@@ -326,12 +326,17 @@ func (e *Elector) takeBack(ctx context.Context, app, token int64, fence bool) er
 	lease := e.session.Lease()
 	txn := e.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", token))
 	if fence {
+		// HandedOverFrom names the replaced token, as a handover back to
+		// this server would: its watch must take the new key as its own
+		// again, not as a key placed on an app it is resigning (which it
+		// would pass on while owning it).
 		val, err := coord.OwnerRecord{
-			ServerID:   e.cfg.ServerID,
-			Control:    e.cfg.Control,
-			Protocols:  e.cfg.Protocols,
-			TTLMillis:  e.session.TTL().Milliseconds(),
-			AcquiredAt: time.Now().UTC(),
+			ServerID:       e.cfg.ServerID,
+			Control:        e.cfg.Control,
+			Protocols:      e.cfg.Protocols,
+			TTLMillis:      e.session.TTL().Milliseconds(),
+			AcquiredAt:     time.Now().UTC(),
+			HandedOverFrom: token,
 		}.Encode()
 		if err != nil {
 			return err
