@@ -33,6 +33,23 @@ func proxiedFleet(t *testing.T, e *etcdcluster.Cluster, proxy *etcdcluster.GRPCP
 	return fleet
 }
 
+// proxiedSetup is a 3-member etcd with a gRPC proxy, servers s1 and s2,
+// app "orders" owned by s1, and 20 workers watching it through the proxy.
+func proxiedSetup(t *testing.T) (*etcdcluster.Cluster, *etcdcluster.GRPCProxy, []*server.Node, int64, []*recorder) {
+	t.Helper()
+	e := testutil.Etcd(t, 3)
+	proxy, err := e.StartGRPCProxy()
+	if err != nil {
+		t.Fatal(err)
+	}
+	nodes := []*server.Node{startNode(t, e, "s1", "127.0.0.1:0"), startNode(t, e, "s2", "127.0.0.1:0")}
+	app := register(t, testutil.Client(t, e), "orders")
+	elect(t, nodes[0], app)
+	fleet := proxiedFleet(t, e, proxy, "orders", nodes, 20)
+	allAt(t, fleet, nodes[0].Addr(), true, "every worker watching s1 through the proxy")
+	return e, proxy, nodes, app, fleet
+}
+
 // allAt waits until every worker is at addr and, if watching, follows the
 // owner key in etcd again.
 func allAt(t *testing.T, fleet []*recorder, addr string, watching bool, what string) {
@@ -53,16 +70,7 @@ func allAt(t *testing.T, fleet []*recorder, addr string, watching bool, what str
 // the proxy is back they watch again, and follow the next handover from
 // etcd.
 func TestWorkersThroughAGRPCProxyRideOutItsRestart(t *testing.T) {
-	e := testutil.Etcd(t, 3)
-	proxy, err := e.StartGRPCProxy()
-	if err != nil {
-		t.Fatal(err)
-	}
-	nodes := []*server.Node{startNode(t, e, "s1", "127.0.0.1:0"), startNode(t, e, "s2", "127.0.0.1:0")}
-	app := register(t, testutil.Client(t, e), "orders")
-	elect(t, nodes[0], app)
-	fleet := proxiedFleet(t, e, proxy, "orders", nodes, 20)
-	allAt(t, fleet, nodes[0].Addr(), true, "every worker watching s1 through the proxy")
+	_, proxy, nodes, app, fleet := proxiedSetup(t)
 
 	handOver := func(from *server.Node) string {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -114,16 +122,7 @@ func TestWorkersThroughAGRPCProxyRideOutItsRestart(t *testing.T) {
 // none), so a worker learns of the loss only if the member its proxy
 // talks to goes; either way it ends at the owner, watching.
 func TestWorkersThroughAGRPCProxyFollowAcrossALeaderLoss(t *testing.T) {
-	e := testutil.Etcd(t, 3)
-	proxy, err := e.StartGRPCProxy()
-	if err != nil {
-		t.Fatal(err)
-	}
-	nodes := []*server.Node{startNode(t, e, "s1", "127.0.0.1:0"), startNode(t, e, "s2", "127.0.0.1:0")}
-	app := register(t, testutil.Client(t, e), "orders")
-	elect(t, nodes[0], app)
-	fleet := proxiedFleet(t, e, proxy, "orders", nodes, 20)
-	allAt(t, fleet, nodes[0].Addr(), true, "every worker watching s1 through the proxy")
+	e, _, nodes, app, fleet := proxiedSetup(t)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
