@@ -292,9 +292,12 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool, 
 		if o, alive := e.liveOwner(ctx, app, kv.Value, clientv3.LeaseID(kv.Lease), down); alive {
 			if o.serverID == e.cfg.ServerID {
 				// Written by this process, or handed to it; make sure
-				// the table knows (a no-op when it does, or while
-				// resigning). It acts only once the table shows the key
-				// and no marker.
+				// the table knows (a no-op when it does). It acts only
+				// once the table shows the key and no marker. A key it
+				// is giving away sends workers to where it is going.
+				if h, ok := e.handingOver(app); ok {
+					return h, true, nil
+				}
 				e.mu.Lock()
 				e.tryActivate(e.own(app, kv.ModRevision, clientv3.LeaseID(kv.Lease)))
 				e.mu.Unlock()

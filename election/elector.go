@@ -58,6 +58,14 @@ type Elector struct {
 	active     int                  // how many of mine are active
 	resigning  map[int64]time.Time  // apps this server gave up, until a new owner shows or the time passes
 	owed       map[int64]int64      // stopped ownerships whose keys are still to be released (see release.go)
+	// released holds, per app, the token of an ownership this server
+	// stopped in order to release its key (Resign, HandOver, a drain, a
+	// rebalancing move, a pass-on). That release's Txn may reach etcd at
+	// any moment — after its answer was lost, after the resignation
+	// period, after an etcd restart — and the server it names acts at
+	// once, so the token is never owned again: only a new write gives the
+	// app back (takeBack). Dropped when the table shows the key changed.
+	released map[int64]int64
 	flights    map[int64]*flight    // elections in progress, one per app
 	queues     map[int64]*callbackQueue
 	known      map[int64]bool      // app ids seen in the registry
@@ -104,6 +112,7 @@ func New(ctx context.Context, session *coord.Session, cfg Config) (*Elector, err
 		mine:       map[int64]*ownership{},
 		resigning:  map[int64]time.Time{},
 		owed:       map[int64]int64{},
+		released:   map[int64]int64{},
 		flights:    map[int64]*flight{},
 		queues:     map[int64]*callbackQueue{},
 		known:      map[int64]bool{},
@@ -418,6 +427,9 @@ func (e *Elector) settle(touched map[int64]bool) {
 // put records a new owner key value. Called with e.mu held.
 func (e *Elector) put(app int64, k ownerKey) {
 	e.table[app] = k
+	if t, ok := e.released[app]; ok && t != k.modRev {
+		delete(e.released, app) // the release was made, or the key changed anyway
+	}
 	if e.isMine(k) {
 		if e.passOnIfUnwanted(app, k) {
 			delete(e.takeover.orphans, app)
@@ -455,6 +467,7 @@ func (e *Elector) passOnIfUnwanted(app int64, k ownerKey) bool {
 		return false
 	}
 	token := k.modRev
+	e.released[app] = token
 	e.logger.Info("an owner key naming this server appeared while it closes or resigns the app; passing the app on", "app_id", app)
 	e.loops.Add(1)
 	e.passOns.Add(1)
@@ -472,6 +485,7 @@ func (e *Elector) passOnIfUnwanted(app int64, k ownerKey) bool {
 // Called with e.mu held.
 func (e *Elector) deleted(app int64, prevOwner string) {
 	delete(e.table, app)
+	delete(e.released, app)
 	if o := e.mine[app]; o != nil {
 		reason := ReasonDeposed
 		if errors.Is(e.session.Epoch().Err(), coord.ErrLeaseLost) {

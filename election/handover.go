@@ -54,7 +54,7 @@ func (e *Elector) stopOwning(app int64) (int64, error) {
 	if o == nil {
 		return 0, fmt.Errorf("%w: app %d", ErrNotOwner, app)
 	}
-	e.resigning[app] = e.cfg.clock.Now().Add(2 * e.session.TTL())
+	e.giveUp(app, o.token, e.cfg.clock.Now().Add(2*e.session.TTL()))
 	e.lose(o, ReasonResigned)
 	return o.token, nil
 }
@@ -282,7 +282,7 @@ func (e *Elector) handOverAll(ctx context.Context) error {
 	until := e.cfg.clock.Now().Add(2 * e.session.TTL())
 	for app, o := range e.mine {
 		tokens[app] = o.token
-		e.resigning[app] = until
+		e.giveUp(app, o.token, until)
 		e.lose(o, ReasonResigned)
 	}
 	e.mu.Unlock()
@@ -373,7 +373,17 @@ func (e *Elector) handedButUnseen(ctx context.Context, known map[int64]int64) (m
 	return unseen, nil
 }
 
-// handingOver reports whether this server is giving app away; if so it
+// giveUp marks app as given up by this server: it does not elect itself
+// for the app until until, and never owns token again (see
+// Elector.released). Called with e.mu held, before the release of the
+// key under token is sent.
+func (e *Elector) giveUp(app, token int64, until time.Time) {
+	e.resigning[app] = until
+	e.released[app] = token
+}
+
+// handingOver reports whether this server is giving app away (resigning
+// from it, or a release of its key may still be on its way); if so it
 // returns the server workers should be sent to instead (the successor
 // among the others), so that this server never elects itself back.
 func (e *Elector) handingOver(app int64) (owner, bool) {
@@ -382,7 +392,9 @@ func (e *Elector) handingOver(app int64) (owner, bool) {
 	until, ok := e.resigning[app]
 	if !e.draining && (!ok || !e.cfg.clock.Now().Before(until)) {
 		delete(e.resigning, app)
-		return owner{}, false
+		if _, released := e.released[app]; !released {
+			return owner{}, false
+		}
 	}
 	id := e.successor(app, e.cfg.ServerID)
 	rec, ok := e.members.Get(id)

@@ -37,10 +37,14 @@ type ownership struct {
 // same token does nothing, and so does calling it for an app this server
 // is resigning, or with a token the table has already seen replaced (an
 // election's response can arrive after the watch showed its write
-// overwritten). Called with e.mu held.
+// overwritten), or with a token this server has released (see
+// Elector.released). Called with e.mu held.
 func (e *Elector) own(app, token int64, lease clientv3.LeaseID) *ownership {
 	if e.closed || e.resigningNow(app) {
 		return nil
+	}
+	if t, ok := e.released[app]; ok && t == token {
+		return nil // its release may still reach etcd
 	}
 	if k, ok := e.table[app]; e.rev >= token && (!ok || k.modRev != token) {
 		return nil // already replaced or deleted

@@ -254,7 +254,7 @@ func (e *Elector) move(target handoverTarget, apps []int64, rev int64) bool {
 			continue // lost or resigned meanwhile
 		}
 		tokens[app] = o.token
-		e.resigning[app] = until
+		e.giveUp(app, o.token, until)
 		e.lose(o, ReasonRebalanced)
 	}
 	// A drain that starts now waits for this move before its last read
@@ -351,6 +351,9 @@ func (e *Elector) takeBack(ctx context.Context, app, token int64, fence bool) er
 		e.mu.Lock()
 		defer e.mu.Unlock()
 		delete(e.resigning, app)
+		if rev == token && e.released[app] == token {
+			delete(e.released, app) // the move failed: its Txn can never apply
+		}
 		e.tryActivate(e.own(app, rev, lease))
 	}
 	switch {

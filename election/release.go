@@ -21,7 +21,7 @@ func (e *Elector) owe(tokens map[int64]int64) {
 	until := e.cfg.clock.Now().Add(2 * e.session.TTL())
 	for app, token := range tokens {
 		e.owed[app] = token
-		e.resigning[app] = until
+		e.giveUp(app, token, until)
 	}
 }
 
