@@ -66,11 +66,11 @@ type Elector struct {
 	// once, so the token is never owned again: only a new write gives the
 	// app back (takeBack). Dropped when the table shows the key changed.
 	released map[int64]int64
-	flights    map[int64]*flight    // elections in progress, one per app
-	queues     map[int64]*callbackQueue
-	known      map[int64]bool      // app ids seen in the registry
-	unknown    map[int64]time.Time // app ids found unregistered, until when that is believed
-	takeover   takeoverQueue
+	flights  map[int64]*flight // elections in progress, one per app
+	queues   map[int64]*callbackQueue
+	known    map[int64]bool      // app ids seen in the registry
+	unknown  map[int64]time.Time // app ids found unregistered, until when that is believed
+	takeover takeoverQueue
 	// unanswered is guarded by its own mutex: pings run without e.mu.
 	unanswered unansweredPings
 	draining   bool
