@@ -318,7 +318,9 @@ func (d *Discovery) resolveAppInEtcd(ctx context.Context) error {
 	if d.AppID() != 0 {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
+	// Require a leader: a member cut off from it fails the read at once
+	// instead of holding it for RequestTimeout.
+	ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), d.cfg.RequestTimeout)
 	defer cancel()
 	app, err := d.registry.ByName(ctx, d.cfg.AppName)
 	if errors.Is(err, coord.ErrUnknownApp) {

@@ -20,15 +20,23 @@ type startState struct {
 }
 
 // initialState resolves the app and finds the first server: from etcd's
-// owner key when etcd answers, else by a polling round.
+// owner key when etcd answers, else by a polling round. The first etcd
+// read (the registry's, until the app id is known) is what says whether
+// etcd answers: a fleet starting at once sends each request it needs and
+// no probe besides.
 func (d *Discovery) initialState(ctx context.Context) startState {
 	etcdOK := false
 	if d.cfg.Client != nil {
-		pctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
-		etcdOK = coord.Probe(pctx, d.cfg.Client) == nil
-		cancel()
+		err := d.resolveAppInEtcd(ctx)
+		if errors.Is(err, coord.ErrUnknownApp) {
+			return startState{err: err}
+		}
+		etcdOK = err == nil
+		if err != nil {
+			d.logger.Debug("etcd did not resolve the app; asking the servers", "error", err)
+		}
 	}
-	if err := d.resolveApp(ctx, etcdOK); err != nil {
+	if err := d.resolveApp(ctx, false); err != nil {
 		return startState{err: err}
 	}
 	if etcdOK {
