@@ -83,6 +83,17 @@
 // by a marker is handed on at once: the marker holds its successor back
 // in turn.
 //
+// A server that gave an app up to release its key (Resign, HandOver,
+// Close, a rebalancing move, passing on a key placed on it) never owns
+// that key's token again. The release's Txn may reach etcd at any moment
+// — its answer lost, etcd restarting, the resignation period over — and
+// whoever it names acts at once; an ownership taken up again under the
+// same token would act beside it until its watch caught up. Meanwhile
+// Elect sends workers to the successor, the release is retried every
+// second until it is made or the key changes, and only a new write —
+// another server's, or the server's own fence after a move whose answer
+// was lost (see Rebalancing) — gives the app back.
+//
 // # Placement
 //
 // Elect makes the asked server the owner of an app nobody owns, as
