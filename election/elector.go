@@ -326,7 +326,7 @@ func (e *Elector) reload(ctx context.Context) (int64, error) {
 	e.mu.Lock()
 	for app, old := range e.table {
 		if _, ok := fresh[app]; !ok {
-			e.deleted(app, old.rec.ServerID)
+			e.deleted(app, old.rec.ServerID, resp.Header.Revision)
 		}
 	}
 	for app, k := range fresh {
@@ -398,7 +398,7 @@ func (e *Elector) observe(events []*clientv3.Event) {
 			} else if old, ok := e.table[app]; ok {
 				prev = old.rec.ServerID
 			}
-			e.deleted(app, prev)
+			e.deleted(app, prev, ev.Kv.ModRevision)
 		}
 	}
 	e.rev = max(e.rev, events[len(events)-1].Kv.ModRevision)
@@ -427,9 +427,7 @@ func (e *Elector) settle(touched map[int64]bool) {
 // put records a new owner key value. Called with e.mu held.
 func (e *Elector) put(app int64, k ownerKey) {
 	e.table[app] = k
-	if t, ok := e.released[app]; ok && t != k.modRev {
-		delete(e.released, app) // the release was made, or the key changed anyway
-	}
+	stale := e.forgetRelease(app, k.modRev)
 	if e.isMine(k) {
 		if e.passOnIfUnwanted(app, k) {
 			delete(e.takeover.orphans, app)
@@ -446,7 +444,9 @@ func (e *Elector) put(app int64, k ownerKey) {
 		return
 	}
 	delete(e.takeover.orphans, app)
-	delete(e.resigning, app) // someone else has it now
+	if !stale {
+		delete(e.resigning, app) // someone else has it now
+	}
 	if o := e.mine[app]; o != nil {
 		e.metrics.deposed()
 		e.lose(o, ReasonDeposed)
@@ -481,11 +481,30 @@ func (e *Elector) passOnIfUnwanted(app int64, k ownerKey) bool {
 	return true
 }
 
-// deleted records that app's owner key is gone; prevOwner is who held it.
-// Called with e.mu held.
-func (e *Elector) deleted(app int64, prevOwner string) {
+// forgetRelease drops app's released token once the table shows the key
+// changed after it (at rev): the release was made, or another write got
+// there first. It reports whether rev is older than the released token:
+// this server can hold an ownership ahead of its table (an election's
+// answer comes before the watch shows its write), and a watch that lags
+// still shows the key's earlier history — none of which says anything
+// about the release. Called with e.mu held.
+func (e *Elector) forgetRelease(app, rev int64) (stale bool) {
+	t, ok := e.released[app]
+	switch {
+	case !ok:
+		return false
+	case rev > t:
+		delete(e.released, app)
+		return false
+	}
+	return rev < t
+}
+
+// deleted records that app's owner key was deleted at revision rev;
+// prevOwner is who held it. Called with e.mu held.
+func (e *Elector) deleted(app int64, prevOwner string, rev int64) {
 	delete(e.table, app)
-	delete(e.released, app)
+	e.forgetRelease(app, rev)
 	if o := e.mine[app]; o != nil {
 		reason := ReasonDeposed
 		if errors.Is(e.session.Epoch().Err(), coord.ErrLeaseLost) {
