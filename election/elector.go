@@ -427,7 +427,10 @@ func (e *Elector) settle(touched map[int64]bool) {
 // put records a new owner key value. Called with e.mu held.
 func (e *Elector) put(app int64, k ownerKey) {
 	e.table[app] = k
-	stale := e.forgetRelease(app, k.modRev)
+	if e.history(app, k.modRev) {
+		delete(e.takeover.orphans, app)
+		return
+	}
 	if e.isMine(k) {
 		if e.passOnIfUnwanted(app, k) {
 			delete(e.takeover.orphans, app)
@@ -444,9 +447,7 @@ func (e *Elector) put(app int64, k ownerKey) {
 		return
 	}
 	delete(e.takeover.orphans, app)
-	if !stale {
-		delete(e.resigning, app) // someone else has it now
-	}
+	delete(e.resigning, app) // someone else has it now
 	if o := e.mine[app]; o != nil {
 		e.metrics.deposed()
 		e.lose(o, ReasonDeposed)
@@ -467,7 +468,7 @@ func (e *Elector) passOnIfUnwanted(app int64, k ownerKey) bool {
 		return false
 	}
 	token := k.modRev
-	e.released[app] = token
+	e.released[app] = max(e.released[app], token)
 	e.logger.Info("an owner key naming this server appeared while it closes or resigns the app; passing the app on", "app_id", app)
 	e.loops.Add(1)
 	e.passOns.Add(1)
@@ -481,14 +482,18 @@ func (e *Elector) passOnIfUnwanted(app int64, k ownerKey) bool {
 	return true
 }
 
-// forgetRelease drops app's released token once the table shows the key
-// changed after it (at rev): the release was made, or another write got
-// there first. It reports whether rev is older than the released token:
-// this server can hold an ownership ahead of its table (an election's
-// answer comes before the watch shows its write), and a watch that lags
-// still shows the key's earlier history — none of which says anything
-// about the release. Called with e.mu held.
-func (e *Elector) forgetRelease(app, rev int64) (stale bool) {
+// history reports whether a change of app's owner key at revision rev is
+// older than what this server already knows of the key from an answer: a
+// token it owns or released. A server learns its own writes from their
+// answers before its watch shows them, and a watch that lags still shows
+// the key's earlier history: the table follows it, but nothing else may —
+// neither ownerships nor the memory of a release in flight. A change
+// after the released token drops it: the release was made, or another
+// write got there first. Called with e.mu held.
+func (e *Elector) history(app, rev int64) bool {
+	if o := e.mine[app]; o != nil && rev < o.token {
+		return true
+	}
 	t, ok := e.released[app]
 	switch {
 	case !ok:
@@ -504,7 +509,9 @@ func (e *Elector) forgetRelease(app, rev int64) (stale bool) {
 // prevOwner is who held it. Called with e.mu held.
 func (e *Elector) deleted(app int64, prevOwner string, rev int64) {
 	delete(e.table, app)
-	e.forgetRelease(app, rev)
+	if e.history(app, rev) {
+		return
+	}
 	if o := e.mine[app]; o != nil {
 		reason := ReasonDeposed
 		if errors.Is(e.session.Epoch().Err(), coord.ErrLeaseLost) {

@@ -379,7 +379,7 @@ func (e *Elector) handedButUnseen(ctx context.Context, known map[int64]int64) (m
 // key under token is sent.
 func (e *Elector) giveUp(app, token int64, until time.Time) {
 	e.resigning[app] = until
-	e.released[app] = token
+	e.released[app] = max(e.released[app], token)
 }
 
 // handingOver reports whether this server is giving app away (resigning

@@ -37,21 +37,28 @@ type ownership struct {
 // same token does nothing, and so does calling it for an app this server
 // is resigning, or with a token the table has already seen replaced (an
 // election's response can arrive after the watch showed its write
-// overwritten), or with a token this server has released (see
-// Elector.released). Called with e.mu held.
+// overwritten), with a token this server has released (see
+// Elector.released) or an older one, or with a token older than the
+// ownership it holds. Called with e.mu held.
 func (e *Elector) own(app, token int64, lease clientv3.LeaseID) *ownership {
 	if e.closed || e.resigningNow(app) {
 		return nil
 	}
-	if t, ok := e.released[app]; ok && t == token {
-		return nil // its release may still reach etcd
+	if t, ok := e.released[app]; ok && token <= t {
+		return nil // its release may still reach etcd, or it is older still
 	}
 	if k, ok := e.table[app]; e.rev >= token && (!ok || k.modRev != token) {
 		return nil // already replaced or deleted
 	}
 	if o := e.mine[app]; o != nil {
-		if o.token == token {
+		switch {
+		case o.token == token:
 			return o
+		case o.token > token:
+			// A lagging watch shows an older key of this server's after
+			// an election's answer gave it a newer one: tokens only go
+			// forward.
+			return nil
 		}
 		e.lose(o, ReasonDeposed)
 	}
