@@ -106,7 +106,9 @@ func New(cfg Config) (*Discovery, error) {
 // of workers started at once, or servers still starting, only delays it —
 // and fails at once only when the app is unknown (the server's refusal, or
 // etcd's registry); when ctx ends first it fails with ErrNoServer and the
-// last round's error. With AllowLazyConnect, Start succeeds at once and
+// last round's error. With an etcd client it asks the servers over HTTP
+// only once etcd's connection is down, or etcd has failed it for
+// EtcdGrace: a slow etcd is waited for, not worked around. With AllowLazyConnect, Start succeeds at once and
 // the worker keeps trying in the background.
 func (d *Discovery) Start(ctx context.Context) error {
 	d.mu.Lock()
@@ -120,14 +122,23 @@ func (d *Discovery) Start(ctx context.Context) error {
 	if d.cfg.AllowLazyConnect {
 		// Nothing to wait for: the first round runs in the background,
 		// however long unreachable servers take to time out.
-		return d.goRun(func() { d.run(d.initialState(d.ctx)) })
+		return d.goRun(func() { d.run(d.initialState(d.ctx, always)) })
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	defer context.AfterFunc(d.ctx, cancel)()
 
+	// While etcd's connection is up, a Start that etcd failed waits for
+	// etcd, up to EtcdGrace, rather than asking the servers: a fleet
+	// started at once, etcd late for many of its requests, would
+	// otherwise send the servers an election's etcd read and a ping for
+	// each worker on top of those requests, and keep etcd overloaded.
+	began := d.cfg.clock.Now()
+	poll := func() bool {
+		return !d.etcdConnected() || d.cfg.clock.Now().Sub(began) >= d.cfg.EtcdGrace
+	}
 	for attempt := 0; ; attempt++ {
-		st := d.initialState(ctx)
+		st := d.initialState(ctx, poll)
 		if st.err == nil {
 			if _, found := d.Current(); found {
 				return d.goRun(func() { d.run(st) })
@@ -151,6 +162,8 @@ func (d *Discovery) Start(ctx context.Context) error {
 		}
 	}
 }
+
+func always() bool { return true }
 
 // The pauses between Start's attempts: short at first (a server that is
 // just starting), then up to a few seconds, jittered so that a fleet

@@ -3,6 +3,7 @@ package worker
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"time"
 
@@ -20,41 +21,30 @@ type startState struct {
 }
 
 // initialState resolves the app and finds the first server: from etcd's
-// owner key when etcd answers, else by a polling round. The first etcd
-// read (the registry's, until the app id is known) is what says whether
-// etcd answers: a fleet starting at once sends each request it needs and
-// no probe besides.
-func (d *Discovery) initialState(ctx context.Context) startState {
-	etcdOK := false
+// owner key when etcd answers, else, if poll allows it, by a polling
+// round. The first etcd read (the registry's, until the app id is known)
+// is what says whether etcd answers: a fleet starting at once sends each
+// request it needs and no probe besides.
+func (d *Discovery) initialState(ctx context.Context, poll func() bool) startState {
+	var etcdErr error
 	if d.cfg.Client != nil {
-		err := d.resolveAppInEtcd(ctx)
-		if errors.Is(err, coord.ErrUnknownApp) {
-			return startState{err: err}
+		etcdErr = d.resolveAppInEtcd(ctx)
+		if errors.Is(etcdErr, coord.ErrUnknownApp) {
+			return startState{err: etcdErr}
 		}
-		etcdOK = err == nil
-		if err != nil {
-			d.logger.Debug("etcd did not resolve the app; asking the servers", "error", err)
+		if etcdErr == nil {
+			var r ownerKeyRead
+			if r, etcdErr = d.readOwnerKey(ctx); etcdErr == nil {
+				return d.startFromEtcd(ctx, r)
+			}
 		}
+		if !poll() {
+			return startState{err: fmt.Errorf("worker: etcd did not answer: %w", etcdErr)}
+		}
+		d.logger.Debug("etcd did not answer; asking the servers", "error", etcdErr)
 	}
 	if err := d.resolveApp(ctx, false); err != nil {
 		return startState{err: err}
-	}
-	if etcdOK {
-		if r, err := d.readOwnerKey(ctx); err == nil {
-			if r.owner.Address == "" {
-				// Nobody owns the app: the round makes a server elect
-				// an owner, and etcd then says who it is, with its
-				// token. Only if etcd shows nobody still is the HTTP
-				// answer taken (the watch corrects it).
-				s, ok := d.round(ctx, roundInput{useEtcd: true})
-				d.metrics.round(ok)
-				if r, err = d.readOwnerKey(ctx); ok && (err != nil || r.owner.Address == "") {
-					r.owner = s
-				}
-			}
-			d.setCurrent(r.owner)
-			return startState{etcdOK: true}
-		}
 	}
 	s, ok := d.round(ctx, roundInput{})
 	d.metrics.round(ok)
@@ -62,6 +52,23 @@ func (d *Discovery) initialState(ctx context.Context) startState {
 		d.setCurrent(s)
 	}
 	return startState{}
+}
+
+// startFromEtcd takes the first server from a read of the owner key.
+// Nobody owning the app, a round makes a server elect an owner, and etcd
+// then says who it is, with its token; only if etcd shows nobody still is
+// the HTTP answer taken (the watch corrects it).
+func (d *Discovery) startFromEtcd(ctx context.Context, r ownerKeyRead) startState {
+	if r.owner.Address == "" {
+		s, ok := d.round(ctx, roundInput{useEtcd: true})
+		d.metrics.round(ok)
+		var err error
+		if r, err = d.readOwnerKey(ctx); ok && (err != nil || r.owner.Address == "") {
+			r.owner = s
+		}
+	}
+	d.setCurrent(r.owner)
+	return startState{etcdOK: true}
 }
 
 // The loop's retry pauses. Every retry is jittered, so that a fleet of
@@ -543,8 +550,12 @@ func (l *loop) checkHealth() {
 	l.interval = d.cfg.clock.After(time.Duration(rand.Int64N(int64(d.cfg.Interval))))
 }
 
-func (l *loop) connHealthy() bool {
-	switch l.d.cfg.Client.ActiveConnection().GetState() {
+func (l *loop) connHealthy() bool { return l.d.etcdConnected() }
+
+// etcdConnected reports whether the etcd client's connection is up (or
+// idle, to be dialled on the next request).
+func (d *Discovery) etcdConnected() bool {
+	switch d.cfg.Client.ActiveConnection().GetState() {
 	case connectivity.Ready, connectivity.Idle:
 		return true
 	}
