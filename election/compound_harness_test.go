@@ -90,11 +90,25 @@ func crash(n *node) {
 // request leaves, so a fault it injects into the node's proxy catches the
 // request's response.
 func ownerTxnHook(t testing.TB, hook *atomic.Pointer[func()], key string) func([]string) *clientv3.Client {
+	return txnHook(t, hook, func(r *etcdserverpb.TxnRequest) bool { return writes(r, key) })
+}
+
+// overwriteTxnHook is ownerTxnHook for a Txn that writes key over an
+// existing one: not an election's first request, which creates the key
+// only if it is absent (and otherwise reads it).
+func overwriteTxnHook(t testing.TB, hook *atomic.Pointer[func()], key string) func([]string) *clientv3.Client {
+	return txnHook(t, hook, func(r *etcdserverpb.TxnRequest) bool { return writes(r, key) && !createsOnly(r, key) })
+}
+
+// txnHook returns a withClient constructor whose client calls the
+// function stored in hook (once; it is cleared) right before it sends a
+// Txn that match accepts.
+func txnHook(t testing.TB, hook *atomic.Pointer[func()], match func(*etcdserverpb.TxnRequest) bool) func([]string) *clientv3.Client {
 	return func(endpoints []string) *clientv3.Client {
 		cfg := coord.ClientConfig(endpoints, testutil.Logger(t))
 		cfg.DialOptions = append(cfg.DialOptions,
 			grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-				if r, ok := req.(*etcdserverpb.TxnRequest); ok && writes(r, key) {
+				if r, ok := req.(*etcdserverpb.TxnRequest); ok && match(r) {
 					if f := hook.Swap(nil); f != nil {
 						(*f)()
 					}
@@ -109,6 +123,17 @@ func ownerTxnHook(t testing.TB, hook *atomic.Pointer[func()], key string) func([
 		t.Cleanup(func() { cli.Close() })
 		return cli
 	}
+}
+
+// createsOnly reports whether r writes key only if it does not exist
+// (a compare of its ModRevision with 0).
+func createsOnly(r *etcdserverpb.TxnRequest, key string) bool {
+	for _, c := range r.Compare {
+		if bytes.Equal(c.Key, []byte(key)) && c.Target == etcdserverpb.Compare_MOD && c.GetModRevision() == 0 {
+			return true
+		}
+	}
+	return false
 }
 
 func writes(r *etcdserverpb.TxnRequest, key string) bool {

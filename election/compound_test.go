@@ -157,7 +157,7 @@ func TestLostTxnResponseDoesNotSkipTheTakeoverWait(t *testing.T) {
 			// resumed: its watch would otherwise sometimes show it the
 			// overwrite first, with the wait.
 			fastRetry := withConfig(func(cfg *election.Config) { cfg.RetryBase = time.Millisecond })
-			b := c.addNodeTTL("b", tc.bTTL, viaProxy(), withClient(ownerTxnHook(t, &hook, c.keys.Owner(app))), fastRetry)
+			b := c.addNodeTTL("b", tc.bTTL, viaProxy(), withClient(overwriteTxnHook(t, &hook, c.keys.Owner(app))), fastRetry)
 			electAll(t, c, a, []int64{app})
 			t.Cleanup(b.proxy.UnpauseRx)
 			t.Cleanup(b.proxy.UnmodifyRx)

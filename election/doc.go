@@ -18,7 +18,10 @@
 // app, so that the servers a crowd of workers asked do not all ping the
 // old owner, write and retry at once. Creating a key that does not exist
 // — an app nobody owns, the common case at a cold start — takes no
-// mutex: it costs one read and one Txn, a single raft commit.
+// mutex, and no read before it: an election's first request is a Txn
+// that creates the key if it is absent (compare ModRevision 0, and the
+// app registered) and otherwise reads it, so such an election is one
+// request and one raft commit.
 //
 // Every server keeps a table of all owner keys from one watch of
 // {p}/current-server/ and reports that watch's progress to its session, so

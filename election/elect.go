@@ -19,15 +19,17 @@ import (
 //  1. A protocol this server does not speak gives ErrProtocol.
 //  2. If this server owns the app (its table, kept by its watch and
 //     guard), its own address, with no etcd request.
-//  3. Otherwise the owner key is read (with the app record, the first
-//     time: an unregistered app gives ErrUnknownApp); a foreign owner is
-//     pinged, and if it answers and speaks the protocol its address is
-//     returned.
-//  4. Otherwise the app's mutex is locked, and this server's owner record
-//     written, and the mutex released, in one Txn guarded by the mutex
-//     and the ModRevision read in step 3: if anyone elected meanwhile the
-//     Txn fails and the next attempt finds them. An uncontended election
-//     is three requests and two raft commits.
+//  3. Otherwise one Txn creates this server's owner key if it is absent
+//     (compare ModRevision 0) and the app registered, or else reads the
+//     key (with the app record, the first time: an unregistered app
+//     gives ErrUnknownApp). An election of an app nobody owns ends here:
+//     one request, one raft commit. A foreign owner is pinged, and if it
+//     answers and speaks the protocol its address is returned.
+//  4. Otherwise (the owner is gone or silent) the app's mutex is locked,
+//     and this server's owner record written over the key, and the
+//     mutex released, in one Txn guarded by the mutex and the
+//     ModRevision read in step 3: if anyone elected meanwhile the Txn
+//     fails and the next attempt finds them.
 //  5. Contention is retried RetryTimes times with jittered backoff, then
 //     ErrElectionFailed wraps the last cause.
 //
@@ -113,34 +115,53 @@ func (e *Elector) protocolNames() []string {
 // readOwner reads app's owner key and, until app is known to be
 // registered, its app record, in one Txn: an unregistered app gives
 // ErrUnknownApp. Apps are never deleted, so a positive answer is
-// remembered.
-func (e *Elector) readOwner(ctx context.Context, app int64) (*mvccpb.KeyValue, error) {
+// remembered. With create (the put of this server's owner record) the
+// same Txn first creates the key if it is absent — compare ModRevision 0,
+// as an election's own create — and the app registered, and returns the
+// revision it created it at; otherwise (0) it reads as without: an
+// election of an app nobody owns is then one request and one commit.
+func (e *Elector) readOwner(ctx context.Context, app int64, create *clientv3.Op) (kv *mvccpb.KeyValue, created int64, err error) {
 	e.mu.Lock()
 	known := e.known[app]
 	e.mu.Unlock()
-	ops := []clientv3.Op{clientv3.OpGet(e.keys.Owner(app))}
+	key := e.keys.Owner(app)
+	reads := []clientv3.Op{clientv3.OpGet(key)}
+	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", 0)}
 	if !known {
-		ops = append(ops, clientv3.OpGet(e.keys.AppID(app)))
+		reads = append(reads, clientv3.OpGet(e.keys.AppID(app)))
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(e.keys.AppID(app)), ">", 0))
 	}
-	resp, err := e.cli.Txn(ctx).Then(ops...).Commit()
+	txn := e.cli.Txn(ctx)
+	if create != nil {
+		txn = txn.If(cmps...).Then(*create).Else(reads...)
+	} else {
+		txn = txn.Then(reads...)
+	}
+	resp, err := txn.Commit()
 	if err != nil {
-		return nil, fmt.Errorf("read owner key: %w", err)
+		return nil, 0, fmt.Errorf("read owner key: %w", err)
+	}
+	if create != nil && resp.Succeeded {
+		e.mu.Lock()
+		e.known[app] = true
+		e.mu.Unlock()
+		return nil, resp.Header.Revision, nil
 	}
 	if !known {
 		if err := registered(app, resp.Responses[1].GetResponseRange().Kvs); err != nil {
 			if errors.Is(err, ErrUnknownApp) {
 				e.markUnknown(app)
 			}
-			return nil, err
+			return nil, 0, err
 		}
 		e.mu.Lock()
 		e.known[app] = true
 		e.mu.Unlock()
 	}
 	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-		return kvs[0], nil
+		return kvs[0], 0, nil
 	}
-	return nil, nil
+	return nil, 0, nil
 }
 
 // unknownFor is how long an app id found unregistered is answered from
@@ -278,12 +299,27 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool, 
 		return owner{}, true, fmt.Errorf("%w: %w", ErrNotReady, err)
 	}
 	key := e.keys.Owner(app)
-	kv, err := e.readOwner(ctx, app)
+	// An election of this server (not a placement, not while it gives
+	// the app away) creates an absent key in the read's own Txn.
+	var create *clientv3.Op
+	createLease := e.session.Lease()
+	if _, handing := e.handingOver(app); !place && !handing {
+		val, err := e.ownRecord().Encode()
+		if err != nil {
+			return owner{}, true, err
+		}
+		op := clientv3.OpPut(key, string(val), clientv3.WithLease(createLease))
+		create = &op
+	}
+	kv, created, err := e.readOwner(ctx, app, create)
 	if errors.Is(err, ErrUnknownApp) {
 		return owner{}, true, err
 	}
 	if err != nil {
 		return owner{}, false, err
+	}
+	if created != 0 {
+		return e.elected(app, created, createLease, 0, false), true, nil
 	}
 	var readRev int64
 	var displace []clientv3.Op // the marker, when overwriting a live key
@@ -352,13 +388,7 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool, 
 	if err := e.session.Check(); err != nil {
 		return owner{}, true, fmt.Errorf("%w: %w", ErrNotReady, err)
 	}
-	rec := coord.OwnerRecord{
-		ServerID:   e.cfg.ServerID,
-		Control:    e.cfg.Control,
-		Protocols:  e.cfg.Protocols,
-		TTLMillis:  e.session.TTL().Milliseconds(),
-		AcquiredAt: time.Now().UTC(),
-	}
+	rec := e.ownRecord()
 	ownerLease := lease
 	if elsewhere != nil {
 		rec, ownerLease = elsewhere.record, elsewhere.lease
@@ -387,11 +417,29 @@ func (e *Elector) attempt(ctx context.Context, app int64, down map[string]bool, 
 		e.logger.Debug("placed", "app_id", app, "owner", rec.ServerID, "token", txn.Header.Revision, "displaced", len(displace) > 0)
 		return owner{serverID: rec.ServerID, protocols: rec.Protocols, placed: true}, true, nil
 	}
+	return e.elected(app, txn.Header.Revision, lease, readRev, len(displace) > 0), true, nil
+}
+
+// ownRecord is the owner record of this server, acquired now.
+func (e *Elector) ownRecord() coord.OwnerRecord {
+	return coord.OwnerRecord{
+		ServerID:   e.cfg.ServerID,
+		Control:    e.cfg.Control,
+		Protocols:  e.cfg.Protocols,
+		TTLMillis:  e.session.TTL().Milliseconds(),
+		AcquiredAt: time.Now().UTC(),
+	}
+}
+
+// elected owns app under token, the revision this server's election wrote
+// its key at (over readRev, 0 when it created it), and answers with this
+// server.
+func (e *Elector) elected(app, token int64, lease clientv3.LeaseID, readRev int64, displaced bool) owner {
 	e.mu.Lock()
-	e.tryActivate(e.own(app, txn.Header.Revision, lease))
+	e.tryActivate(e.own(app, token, lease))
 	e.mu.Unlock()
-	e.logger.Debug("elected", "app_id", app, "token", txn.Header.Revision, "overwrote", readRev != 0, "displaced", len(displace) > 0)
-	return owner{serverID: e.cfg.ServerID, protocols: e.cfg.Protocols}, true, nil
+	e.logger.Debug("elected", "app_id", app, "token", token, "overwrote", readRev != 0, "displaced", displaced)
+	return owner{serverID: e.cfg.ServerID, protocols: e.cfg.Protocols}
 }
 
 // liveOwner decides whether the owner recorded in val is alive: this

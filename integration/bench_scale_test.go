@@ -17,6 +17,7 @@ import (
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
 	"github.com/batonhq/baton/server/servertest"
+	"github.com/batonhq/baton/worker"
 )
 
 // BenchmarkScale: 10 servers on an embedded 3-member etcd, one watching
@@ -106,7 +107,16 @@ func scaleRun(b *testing.B, apps int, proxied bool) {
 	// descriptors each (both ends are here).
 	tr := &http.Transport{MaxConnsPerHost: 64, MaxIdleConnsPerHost: 64}
 	b.Cleanup(tr.CloseIdleConnections)
-	f := startFleet(b, fleetConfig{N: apps, App: func(i int) string { return fmt.Sprintf("app-%d", i) }, Clients: clients, Servers: bc.addrs(), HTTPClient: &http.Client{Transport: tr}})
+	// The workers start spread over one polling interval (10 s), as a
+	// fleet's processes do, with the worker's default RequestTimeout
+	// (3 s). All at once they do not start on this machine: 10,000
+	// linearizable reads sent together take about 1.7 s through the
+	// proxies on 2 cores, and etcd answers such a batch together, so with
+	// the 1 s timeout the other benchmarks use every one of them failed
+	// (10,000 of 10,000), and with 3 s the retries and the servers' lease
+	// rounds starved each other for minutes.
+	f := startFleet(b, fleetConfig{N: apps, App: func(i int) string { return fmt.Sprintf("app-%d", i) }, Clients: clients, Servers: bc.addrs(),
+		HTTPClient: &http.Client{Transport: tr}, RequestTimeout: worker.DefaultConfig().RequestTimeout, Stagger: true})
 	done("fleet start")
 	heap2, _ := heapAndGoroutines()
 	b.ReportMetric(float64(heap2-heap1)/float64(apps), "worker-B/app")
@@ -177,6 +187,10 @@ func scaleFailover(b *testing.B, f *fleet, byApp map[int64]int, gone *server.Nod
 	for _, o := range gone.Elector().Owned() {
 		affected = append(affected, o.App)
 	}
+	if len(affected) == 0 {
+		scaleFail(b, "%s: %s owns no app", name, gone.ID())
+		return
+	}
 	owned := func() int {
 		total := 0
 		for _, n := range others {
@@ -194,7 +208,7 @@ func scaleFailover(b *testing.B, f *fleet, byApp map[int64]int, gone *server.Nod
 	wg.Go(func() {
 		for owned() < len(affected) {
 			if time.Since(start) > 60*time.Second {
-				b.Errorf("%s: %d of %d apps act elsewhere after 60 s", name, owned(), len(affected))
+				scaleFail(b, "%s: %d of %d apps act elsewhere after 60 s", name, owned(), len(affected))
 				return
 			}
 			time.Sleep(5 * time.Millisecond)
@@ -219,13 +233,21 @@ func scaleFailover(b *testing.B, f *fleet, byApp map[int64]int, gone *server.Nod
 				break
 			}
 			if time.Now().After(deadline) {
-				b.Fatalf("%s: worker of app %d still at %s after 60 s", name, app, now.addr)
+				scaleFail(b, "%s: worker of app %d still at %s after 60 s", name, app, now.addr)
+				return
 			}
 			time.Sleep(time.Millisecond)
 		}
 	}
 	b.ReportMetric(percentile(follow, 0.99).Seconds(), name+"-p99-workers-s")
 	b.ReportMetric(percentile(follow, 1).Seconds(), name+"-p100-workers-s")
+}
+
+// scaleFail reports a failure on stderr as well: a benchmark's log is
+// cut short when the servers' and etcd's warnings fill it.
+func scaleFail(b *testing.B, format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "BenchmarkScale FAILED: "+format+"\n", args...)
+	b.Errorf(format, args...)
 }
 
 // etcdWatchGauges reads etcd's own watcher and watch-stream gauges, summed

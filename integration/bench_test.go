@@ -317,6 +317,9 @@ type fleetConfig struct {
 	// then fall at uniformly spread phases instead of in lockstep.
 	Stagger    bool
 	Registerer prometheus.Registerer // each worker's metrics, labelled worker=i
+	// RequestTimeout is every worker's; zero means 1 s (with PingTimeout
+	// 1 s), which the failover benchmarks time their polling by.
+	RequestTimeout time.Duration
 }
 
 func oneApp(name string) func(int) string { return func(int) string { return name } }
@@ -350,6 +353,9 @@ func startFleet(b *testing.B, fc fleetConfig) *fleet {
 				f.clients[i], cfg.Client = cli, cli
 			}
 			cfg.PingTimeout, cfg.RequestTimeout = time.Second, time.Second
+			if fc.RequestTimeout > 0 {
+				cfg.RequestTimeout = fc.RequestTimeout
+			}
 			cfg.OnChange = func(_, s worker.Server) {
 				f.mu.Lock()
 				f.now[i] = lastChange{s.Address, time.Now()}
