@@ -133,7 +133,14 @@ func (e *Elector) readOwner(ctx context.Context, app int64, create *clientv3.Op)
 	}
 	txn := e.cli.Txn(ctx)
 	if create != nil {
-		txn = txn.If(cmps...).Then(*create).Else(reads...)
+		// The create also reads the app record, to check that it can
+		// be decoded: one baton cannot read (corrupt, or a newer
+		// version's) gets no owner.
+		then := []clientv3.Op{*create}
+		if !known {
+			then = append(then, clientv3.OpGet(e.keys.AppID(app)))
+		}
+		txn = txn.If(cmps...).Then(then...).Else(reads...)
 	} else {
 		txn = txn.Then(reads...)
 	}
@@ -142,6 +149,11 @@ func (e *Elector) readOwner(ctx context.Context, app int64, create *clientv3.Op)
 		return nil, 0, fmt.Errorf("read owner key: %w", err)
 	}
 	if create != nil && resp.Succeeded {
+		if !known {
+			if err := registered(app, resp.Responses[1].GetResponseRange().Kvs); err != nil {
+				return nil, 0, e.undoCreate(ctx, app, resp.Header.Revision, err)
+			}
+		}
 		e.mu.Lock()
 		e.known[app] = true
 		e.mu.Unlock()
@@ -162,6 +174,19 @@ func (e *Elector) readOwner(ctx context.Context, app int64, create *clientv3.Op)
 		return kvs[0], 0, nil
 	}
 	return nil, 0, nil
+}
+
+// undoCreate deletes the owner key an election created at revision rev
+// for an app whose record turned out unreadable (why), unless it changed
+// meanwhile: this server never owned it. The election fails with why.
+func (e *Elector) undoCreate(ctx context.Context, app, rev int64, why error) error {
+	e.mu.Lock()
+	e.released[app] = max(e.released[app], rev) // its watch must not own it either
+	e.mu.Unlock()
+	if err := e.deleteOwnerKeys(ctx, map[int64]int64{app: rev}); err != nil {
+		e.logger.Warn("could not delete an owner key created for an app whose record cannot be read; it names this server, which does not act for it, until its lease ends", "app_id", app, "error", err)
+	}
+	return why
 }
 
 // unknownFor is how long an app id found unregistered is answered from
@@ -228,6 +253,9 @@ func (e *Elector) ensureOwner(ctx context.Context, app int64, place bool) (owner
 			f.owner, f.err = e.electInTurn(ctx, app, place)
 			e.mu.Lock()
 			delete(e.flights, app)
+			if e.draining {
+				e.tableChangedLocked() // a drain may wait for the last flight (noElections)
+			}
 			e.mu.Unlock()
 			close(f.done)
 			return f.owner, f.err

@@ -286,6 +286,12 @@ func (e *Elector) handOverAll(ctx context.Context) error {
 		e.lose(o, ReasonResigned)
 	}
 	e.mu.Unlock()
+	// An election of this server still in flight may create a key naming
+	// it after the read below, and after the drain stopped the watch that
+	// would pass it on: wait for it first.
+	if err := e.noElections(ctx); err != nil {
+		return err
+	}
 	unseen, err := e.handedButUnseen(ctx, tokens)
 	if err != nil {
 		return err
@@ -327,6 +333,26 @@ func (e *Elector) passOnLate(ctx context.Context, done map[int64]int64) error {
 		}
 	}
 	return nil
+}
+
+// noElections waits until no election of this server is in flight
+// (ensureOwner's flights), or ctx ends. An election's request that
+// outlived its caller's ctx is not waited for: its key, if it lands,
+// names this server until the drain's end revokes the lease.
+func (e *Elector) noElections(ctx context.Context) error {
+	for {
+		e.mu.Lock()
+		n, changed := len(e.flights), e.changed
+		e.mu.Unlock()
+		if n == 0 {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 // waitGroupCtx waits for wg, or until ctx ends.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -14,6 +15,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/batonhq/baton/coord"
+	"github.com/batonhq/baton/internal/keyspace"
 	"github.com/batonhq/baton/internal/testutil"
 	"github.com/batonhq/baton/server"
 	"github.com/batonhq/baton/server/servertest"
@@ -131,9 +133,9 @@ func scaleRun(b *testing.B, apps int, proxied bool) {
 		byApp[id] = i
 	}
 	crashed, drained, others := bc.nodes[0], bc.nodes[1], bc.nodes[2:]
-	scaleFailover(b, f, byApp, crashed, append([]*server.Node{drained}, others...), "crash", func() { servertest.Crash(crashed) })
+	scaleFailover(b, e.Client(), f, byApp, crashed, append([]*server.Node{drained}, others...), "crash", func() { servertest.Crash(crashed) })
 	done("crash")
-	scaleFailover(b, f, byApp, drained, others, "drain", func() {
+	scaleFailover(b, e.Client(), f, byApp, drained, others, "drain", func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		if err := drained.Close(ctx); err != nil {
@@ -182,7 +184,7 @@ func placeFromAll(b *testing.B, nodes []*server.Node, ids []int64) {
 // scaleFailover takes gone's apps away (stop: a crash or a drain) and
 // reports when the last of them acts on one of others and when their
 // workers follow, both measured from the start of stop.
-func scaleFailover(b *testing.B, f *fleet, byApp map[int64]int, gone *server.Node, others []*server.Node, name string, stop func()) {
+func scaleFailover(b *testing.B, cli *clientv3.Client, f *fleet, byApp map[int64]int, gone *server.Node, others []*server.Node, name string, stop func()) {
 	var affected []int64
 	for _, o := range gone.Elector().Owned() {
 		affected = append(affected, o.App)
@@ -208,7 +210,7 @@ func scaleFailover(b *testing.B, f *fleet, byApp map[int64]int, gone *server.Nod
 	wg.Go(func() {
 		for owned() < len(affected) {
 			if time.Since(start) > 60*time.Second {
-				scaleFail(b, "%s: %d of %d apps act elsewhere after 60 s", name, owned(), len(affected))
+				scaleFail(b, "%s: %d of %d apps act elsewhere after 60 s; %s", name, owned(), len(affected), notActing(cli, others, affected))
 				return
 			}
 			time.Sleep(5 * time.Millisecond)
@@ -241,6 +243,43 @@ func scaleFailover(b *testing.B, f *fleet, byApp map[int64]int, gone *server.Nod
 	}
 	b.ReportMetric(percentile(follow, 0.99).Seconds(), name+"-p99-workers-s")
 	b.ReportMetric(percentile(follow, 1).Seconds(), name+"-p100-workers-s")
+}
+
+// notActing describes the first few of apps that act on none of nodes:
+// what each node's table shows for the app, and whether it holds an
+// ownership that is not acting.
+func notActing(cli *clientv3.Client, nodes []*server.Node, apps []int64) string {
+	keys, _ := keyspace.New(prefix)
+	var out []string
+	for _, app := range apps {
+		acting := false
+		for _, n := range nodes {
+			if _, ok := n.Elector().Ownership(app); ok {
+				acting = true
+			}
+		}
+		if acting {
+			continue
+		}
+		var views []string
+		for _, n := range nodes {
+			succ, _ := n.Elector().Successor(app)
+			views = append(views, fmt.Sprintf("%s: successor %s, healthy %v", n.ID(), succ.ServerID, n.Elector().Healthy()))
+		}
+		key := "no key"
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if resp, err := cli.Get(ctx, keys.Owner(app)); err != nil {
+			key = err.Error()
+		} else if len(resp.Kvs) > 0 {
+			key = fmt.Sprintf("key at %d lease %x: %s", resp.Kvs[0].ModRevision, resp.Kvs[0].Lease, resp.Kvs[0].Value)
+		}
+		cancel()
+		out = append(out, fmt.Sprintf("app %d (%s; %s)", app, key, strings.Join(views, "; ")))
+		if len(out) == 3 {
+			break
+		}
+	}
+	return strings.Join(out, " | ")
 }
 
 // scaleFail reports a failure on stderr as well: a benchmark's log is
