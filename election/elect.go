@@ -182,6 +182,9 @@ func (e *Elector) readOwner(ctx context.Context, app int64, create *clientv3.Op)
 func (e *Elector) undoCreate(ctx context.Context, app, rev int64, why error) error {
 	e.mu.Lock()
 	e.released[app] = max(e.released[app], rev) // its watch must not own it either
+	if o := e.mine[app]; o != nil && o.token == rev {
+		e.lose(o, ReasonDeposed) // the watch was quicker
+	}
 	e.mu.Unlock()
 	if err := e.deleteOwnerKeys(ctx, map[int64]int64{app: rev}); err != nil {
 		e.logger.Warn("could not delete an owner key created for an app whose record cannot be read; it names this server, which does not act for it, until its lease ends", "app_id", app, "error", err)
