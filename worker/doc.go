@@ -22,6 +22,11 @@
 // configured servers (shuffled once), each up to Tries times TryPause
 // apart, until etcd serves it again.
 //
+// Start is the same: it finds the first server in etcd, and asks the
+// servers over HTTP only once etcd's connection is down or etcd has failed
+// it for EtcdGrace — a fleet started at once waits for a busy etcd rather
+// than adding an election's work per worker at the servers.
+//
 // After exactly MaxFailedRounds consecutive rounds without a server,
 // OnIsolated runs once (PowerJob kills frequent jobs there — its own code
 // fires on the fifth failure while its log says three); a success arms it
