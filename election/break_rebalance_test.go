@@ -282,7 +282,13 @@ func TestBreakRebalanceBatchAboveEtcdTxnLimit(t *testing.T) {
 	if !c.rec.wait(40*time.Second, func([]event) bool { return len(b.el.Owned()) == want }) {
 		t.Fatalf("b acts for %d of the %d apps it is preferred for", len(b.el.Owned()), want)
 	}
-	moved := testutil.Metric(t, reg, "baton_election_rebalanced_total", "")
+	// The last move is counted once its Txn answers, which can be just
+	// after b's watch showed it: wait for the count, then compare.
+	var moved float64
+	testutil.Eventually(t, 5*time.Second, "a to count its last move", func() bool {
+		moved = testutil.Metric(t, reg, "baton_election_rebalanced_total", "")
+		return int(moved) >= want
+	})
 	t.Logf("%d apps moved to b; a's rebalanced_total = %v", want, moved)
 	if int(moved) != want {
 		t.Errorf("only %v of the %d apps moved by rebalancing's guarded transfer; the others went the fallback way (etcd: too many operations in txn request)", moved, want)
