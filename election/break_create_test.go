@@ -19,7 +19,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/batonhq/baton/coord"
@@ -59,8 +58,7 @@ func isFusedCreate(c *cluster, r *etcdserverpb.TxnRequest) (string, bool) {
 // owner watch's responses through gate (if not nil).
 func createClient(t testing.TB, c *cluster, step *atomic.Pointer[createStep], gate *watchGate) func([]string) *clientv3.Client {
 	return func(endpoints []string) *clientv3.Client {
-		cfg := coord.ClientConfig(endpoints, testutil.Logger(t))
-		cfg.DialOptions = append(cfg.DialOptions,
+		return dialWith(t, endpoints,
 			grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 				send := func() error { return invoker(ctx, method, req, reply, cc, opts...) }
 				r, ok := req.(*etcdserverpb.TxnRequest)
@@ -77,24 +75,7 @@ func createClient(t testing.TB, c *cluster, step *atomic.Pointer[createStep], ga
 				}
 				return s.f(r, reply.(*etcdserverpb.TxnResponse), send)
 			}),
-			grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-				cs, err := streamer(ctx, desc, cc, method, opts...)
-				if err != nil || gate == nil {
-					return cs, err
-				}
-				md, _ := metadata.FromOutgoingContext(ctx)
-				if len(md.Get("baton-owner-watch")) == 0 {
-					return cs, err
-				}
-				return &gatedStream{ClientStream: cs, gate: gate}, nil
-			}),
-		)
-		cli, err := clientv3.New(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cli.Close() })
-		return cli
+			grpc.WithChainStreamInterceptor(gate.ownerWatchInterceptor))
 	}
 }
 

@@ -112,8 +112,7 @@ func deletesKey(r *etcdserverpb.TxnRequest, key string) bool {
 // hd.key (either may be nil).
 func gatedClient(t testing.TB, gate *watchGate, hd *heldDelete) func([]string) *clientv3.Client {
 	return func(endpoints []string) *clientv3.Client {
-		cfg := coord.ClientConfig(endpoints, testutil.Logger(t))
-		cfg.DialOptions = append(cfg.DialOptions,
+		return dialWith(t, endpoints,
 			grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 				if r, ok := req.(*etcdserverpb.TxnRequest); ok && hd != nil && deletesKey(r, hd.key) && hd.armed.CompareAndSwap(true, false) {
 					close(hd.held)
@@ -122,25 +121,35 @@ func gatedClient(t testing.TB, gate *watchGate, hd *heldDelete) func([]string) *
 				}
 				return invoker(ctx, method, req, reply, cc, opts...)
 			}),
-			grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-				cs, err := streamer(ctx, desc, cc, method, opts...)
-				if err != nil || gate == nil {
-					return cs, err
-				}
-				md, _ := metadata.FromOutgoingContext(ctx)
-				if len(md.Get("baton-owner-watch")) == 0 {
-					return cs, err
-				}
-				return &gatedStream{ClientStream: cs, gate: gate}, nil
-			}),
-		)
-		cli, err := clientv3.New(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cli.Close() })
-		return cli
+			grpc.WithChainStreamInterceptor(gate.ownerWatchInterceptor))
 	}
+}
+
+// ownerWatchInterceptor passes the owner watch's stream (the one carrying
+// baton-owner-watch metadata) through g; a nil g passes everything.
+func (g *watchGate) ownerWatchInterceptor(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	cs, err := streamer(ctx, desc, cc, method, opts...)
+	if err != nil || g == nil {
+		return cs, err
+	}
+	md, _ := metadata.FromOutgoingContext(ctx)
+	if len(md.Get("baton-owner-watch")) == 0 {
+		return cs, err
+	}
+	return &gatedStream{ClientStream: cs, gate: g}, nil
+}
+
+// dialWith is a test node's etcd client with extra dial options
+// (interceptors); it is closed when the test ends.
+func dialWith(t testing.TB, endpoints []string, opts ...grpc.DialOption) *clientv3.Client {
+	cfg := coord.ClientConfig(endpoints, testutil.Logger(t))
+	cfg.DialOptions = append(cfg.DialOptions, opts...)
+	cli, err := clientv3.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
 }
 
 // Was a BREAK: a release whose token is forgotten on a stale event. a's owner

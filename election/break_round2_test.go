@@ -34,14 +34,7 @@ import (
 // every unary call through f.
 func interceptingClient(t testing.TB, f grpc.UnaryClientInterceptor) func([]string) *clientv3.Client {
 	return func(endpoints []string) *clientv3.Client {
-		cfg := coord.ClientConfig(endpoints, testutil.Logger(t))
-		cfg.DialOptions = append(cfg.DialOptions, grpc.WithChainUnaryInterceptor(f))
-		cli, err := clientv3.New(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cli.Close() })
-		return cli
+		return dialWith(t, endpoints, grpc.WithChainUnaryInterceptor(f))
 	}
 }
 

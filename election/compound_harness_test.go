@@ -104,25 +104,14 @@ func overwriteTxnHook(t testing.TB, hook *atomic.Pointer[func()], key string) fu
 // function stored in hook (once; it is cleared) right before it sends a
 // Txn that match accepts.
 func txnHook(t testing.TB, hook *atomic.Pointer[func()], match func(*etcdserverpb.TxnRequest) bool) func([]string) *clientv3.Client {
-	return func(endpoints []string) *clientv3.Client {
-		cfg := coord.ClientConfig(endpoints, testutil.Logger(t))
-		cfg.DialOptions = append(cfg.DialOptions,
-			grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-				if r, ok := req.(*etcdserverpb.TxnRequest); ok && match(r) {
-					if f := hook.Swap(nil); f != nil {
-						(*f)()
-					}
-				}
-				return invoker(ctx, method, req, reply, cc, opts...)
-			}),
-		)
-		cli, err := clientv3.New(cfg)
-		if err != nil {
-			t.Fatal(err)
+	return interceptingClient(t, func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if r, ok := req.(*etcdserverpb.TxnRequest); ok && match(r) {
+			if f := hook.Swap(nil); f != nil {
+				(*f)()
+			}
 		}
-		t.Cleanup(func() { cli.Close() })
-		return cli
-	}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	})
 }
 
 // createsOnly reports whether r writes key only if it does not exist
