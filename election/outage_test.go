@@ -104,16 +104,21 @@ func TestAServerThroughTheGRPCProxyIsNotReliablyReady(t *testing.T) {
 	if _, err := direct.el.Elect(ctx, apps[0], coord.ProtocolHTTP, ""); err != nil {
 		t.Fatalf("the server dialling etcd directly: %v", err)
 	}
+	justConfirmed(t, proxied)
+	ep := proxied.session.Epoch()
 	c.register(t, "written-after-the-last-owner-key") // a write no owner watch delivers
 	// The proxied server's rounds wait in vain for the progress that would
-	// show its owner watch past that write, and its guard fires (a fresh
-	// owner watch then confirms it again, until the next such write).
-	testutil.Eventually(t, 10*time.Second, "the proxied server's guard to fire", func() bool {
-		if err := direct.session.Check(); err != nil {
-			t.Fatalf("the direct server's guard fired too: %v", err)
-		}
-		return proxied.session.Check() != nil
-	})
+	// show its owner watch past that write, and its guard fires: its epoch
+	// ends. (A fresh owner watch then confirms it again, until the next
+	// such write — which is why the epoch, not a later Check, is watched.)
+	select {
+	case <-ep.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the proxied server's guard did not fire")
+	}
+	if err := direct.session.Check(); err != nil {
+		t.Fatalf("the direct server's guard fired too: %v", err)
+	}
 	if _, err := direct.el.Elect(ctx, apps[1], coord.ProtocolHTTP, ""); err != nil {
 		t.Fatalf("the server dialling etcd directly, meanwhile: %v", err)
 	}
