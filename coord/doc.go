@@ -16,7 +16,10 @@
 //  3. if the server's elector has attached its watch of the ownership
 //     range, waits until the elector reports that the watch has
 //     delivered everything up to R,
-//     asking etcd for a progress notification to get there.
+//     asking etcd for a progress notification to get there — and asking
+//     again every RoundInterval/4 (at most 100 ms) while it waits, since
+//     etcd drops, unanswered, a request that finds the watch's stream
+//     unsynced or its buffer full.
 //
 // Such a round confirms the lease as of t: etcd cannot expire it before
 // t+TTL, because the keepalive was processed after t; and no other server

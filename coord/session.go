@@ -434,7 +434,7 @@ func (s *Session) round(ctx context.Context) roundResult {
 		res.err = fmt.Errorf("coord: linearizable read: %w", err)
 		return res
 	}
-	if err := s.watch.waitCaughtUp(ctx, get.Header.Revision); err != nil {
+	if err := s.watch.waitCaughtUp(ctx, get.Header.Revision, s.retryPause()); err != nil {
 		res.err = fmt.Errorf("coord: watch progress to revision %d: %w", get.Header.Revision, err)
 		res.watchBehind = true
 	}

@@ -3,6 +3,7 @@ package coord
 import (
 	"context"
 	"sync"
+	"time"
 )
 
 // watchTracker is the session's side of step 2 of a confirmation round:
@@ -54,9 +55,22 @@ func (s *Session) watchCaughtUp(rev int64) {
 }
 
 // waitCaughtUp returns once the attached watch (if any) has delivered
-// revision rev, requesting a progress notification if it has not yet.
-func (w *watchTracker) waitCaughtUp(ctx context.Context, rev int64) error {
-	requested := false
+// revision rev. It asks etcd for a progress notification at once and
+// again every resend while it waits: etcd answers such a request only if
+// every watcher on the stream is synced and the stream's buffer has room
+// at that moment, and otherwise drops it without a word (etcd PR 15237:
+// the client is meant to infer progress from events). A watch that falls
+// behind for a moment under load and then catches up with no newer event
+// for it would leave a round that asked only once waiting out its whole
+// budget, and under sustained load every round would.
+func (w *watchTracker) waitCaughtUp(ctx context.Context, rev int64, resend time.Duration) error {
+	var again *time.Timer
+	defer func() {
+		if again != nil {
+			again.Stop()
+		}
+	}()
+	ask := true
 	for {
 		w.mu.Lock()
 		request, done, reported := w.request, w.rev >= rev, w.reported
@@ -64,14 +78,21 @@ func (w *watchTracker) waitCaughtUp(ctx context.Context, rev int64) error {
 		if request == nil || done {
 			return nil
 		}
-		if !requested {
+		if ask {
 			if err := request(ctx); err != nil {
 				return err
 			}
-			requested = true
+			ask = false
+			if again == nil {
+				again = time.NewTimer(resend)
+			} else {
+				again.Reset(resend)
+			}
 		}
 		select {
 		case <-reported:
+		case <-again.C:
+			ask = true
 		case <-ctx.Done():
 			return ctx.Err()
 		}

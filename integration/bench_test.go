@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -74,6 +76,7 @@ func (bc *benchCluster) addNode(listen string) *server.Node {
 	cfg := server.DefaultConfig()
 	cfg.Client = testutil.Client(bc.b, bc.etcd)
 	cfg.Prefix, cfg.ServerID, cfg.TTL, cfg.Listen = prefix, fmt.Sprintf("s%d", bc.seq), ttl, listen
+	cfg.Logger = benchLogger(cfg.ServerID)
 	if bc.edit != nil {
 		bc.edit(&cfg)
 	}
@@ -93,6 +96,17 @@ func (bc *benchCluster) addNode(listen string) *server.Node {
 	})
 	bc.nodes = append(bc.nodes, n)
 	return n
+}
+
+// benchLogger is a server's logger in a benchmark: silent, unless
+// BATON_BENCH_LOG names a level (debug, info, warn, error); then that
+// server logs at that level to stderr, to explain a failed or slow run.
+func benchLogger(name string) hclog.Logger {
+	level := os.Getenv("BATON_BENCH_LOG")
+	if level == "" {
+		return hclog.NewNullLogger()
+	}
+	return hclog.New(&hclog.LoggerOptions{Name: name, Level: hclog.LevelFromString(level), Output: os.Stderr})
 }
 
 // replace removes old from the cluster and starts a new server (new id)
