@@ -29,10 +29,10 @@ import (
 // its own; in an etcd round every group sets up a takeover and the etcd
 // fault hits all of them at once.
 const (
-	randomGroups   = 6
-	randomBlock    = 8
-	randomApps     = 5
-	randomWorkers  = 2 // per group
+	randomGroups  = 6
+	randomBlock   = 8
+	randomApps    = 5
+	randomWorkers = 2 // per group
 	// randomCompound is the default run's length: 120 compound steps take
 	// about two minutes under -race, which .ci/run's 15-minute budget
 	// affords beside the rest of the suite (200 took three). Longer
