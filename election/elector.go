@@ -39,7 +39,7 @@ type Elector struct {
 
 	ctx     context.Context // ends at Close
 	cancel  context.CancelFunc
-	watchMD atomic.Pointer[metadata.MD] // the open owner watch's stream metadata; nil while it restarts
+	watching atomic.Pointer[progressTarget] // the open owner watch; nil while it restarts
 	rewatch chan struct{}               // capacity 1: start the owner watch afresh
 	loops   sync.WaitGroup              // watch, epoch and takeover loops
 	passOns sync.WaitGroup              // keys being passed on (passOnIfUnwanted), also in loops
@@ -165,17 +165,36 @@ func (e *Elector) Session() *coord.Session {
 	return e.session
 }
 
+// progressTarget is where a progress request for the open owner watch
+// goes: the watch generation's own Watcher and its stream's metadata.
+type progressTarget struct {
+	watcher clientv3.Watcher
+	md      metadata.MD
+}
+
 // requestProgress asks etcd for a progress notification on the open owner
 // watch's stream, bounded by the round's ctx: the stream is chosen by the
 // metadata, so the request goes where the watch is even though ctx is the
-// round's, and it never outlives the round. While the watch is being
-// restarted there is nothing to ask; the restart's read reports progress.
+// round's. While the watch is being restarted there is nothing to ask;
+// the restart's read reports progress.
+//
+// The request goes through the generation's own Watcher, which is closed
+// with the generation: clientv3 answers a request for a stream it no
+// longer has (the watch just broke) by opening that stream, which then
+// lives, with no watch on it, until its Watcher closes — on the client's
+// shared Watcher, until the client does. A request that loses that race
+// to the restart finds the Watcher closed and is dropped, as etcd drops
+// one it cannot answer; the round asks again.
 func (e *Elector) requestProgress(ctx context.Context) error {
-	md := e.watchMD.Load()
-	if md == nil {
+	t := e.watching.Load()
+	if t == nil {
 		return nil
 	}
-	return e.cli.RequestProgress(metadata.NewOutgoingContext(ctx, *md))
+	err := t.watcher.RequestProgress(metadata.NewOutgoingContext(ctx, t.md))
+	if err != nil && e.watching.Load() != t {
+		return nil
+	}
+	return err
 }
 
 // ServerID returns this server's id.
@@ -217,7 +236,7 @@ func (e *Elector) watchLoop(w ownerWatch) {
 				return
 			}
 		}
-		e.watchMD.Store(nil)
+		e.watching.Store(nil)
 		w.cancel()
 		for {
 			ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
@@ -267,17 +286,23 @@ func (w ownerWatch) after(events []*clientv3.Event) []*clientv3.Event {
 }
 
 // openWatch starts generation gen of the owner watch on a gRPC stream of
-// its own (its metadata differs from every earlier generation's), waits
-// until etcd has created it, and only then reads every owner key into the
-// table. A watch created from the current revision is "synced" in etcd at
-// once, so progress notifications answer it right away; one started from
-// an older revision would wait for etcd's catch-up loop (up to 100 ms) —
-// time in which this server would not see an app handed to it.
+// its own (its metadata differs from every earlier generation's, and it
+// has a Watcher of its own, closed with it), waits until etcd has created
+// it, and only then reads every owner key into the table. A watch created
+// from the current revision is "synced" in etcd at once, so progress
+// notifications answer it right away; one started from an older revision
+// would wait for etcd's catch-up loop (up to 100 ms) — time in which this
+// server would not see an app handed to it.
 func (e *Elector) openWatch(ctx context.Context, gen int) (ownerWatch, error) {
 	mdctx := metadata.AppendToOutgoingContext(clientv3.WithRequireLeader(e.ctx), "baton-owner-watch", strconv.Itoa(gen))
-	wctx, cancel := context.WithCancel(mdctx)
+	wctx, cancelCtx := context.WithCancel(mdctx)
+	watcher := clientv3.NewWatcher(e.cli)
+	cancel := func() {
+		cancelCtx()
+		watcher.Close()
+	}
 	start, end := e.keys.OwnershipRange()
-	wch := e.cli.Watch(wctx, start, clientv3.WithRange(end), clientv3.WithPrevKV(), clientv3.WithCreatedNotify())
+	wch := watcher.Watch(wctx, start, clientv3.WithRange(end), clientv3.WithPrevKV(), clientv3.WithCreatedNotify())
 	select {
 	case resp, ok := <-wch:
 		if !ok || resp.Err() != nil || !resp.Created {
@@ -294,7 +319,7 @@ func (e *Elector) openWatch(ctx context.Context, gen int) (ownerWatch, error) {
 		return ownerWatch{}, err
 	}
 	md, _ := metadata.FromOutgoingContext(wctx)
-	e.watchMD.Store(&md)
+	e.watching.Store(&progressTarget{watcher: watcher, md: md})
 	return ownerWatch{ch: wch, cancel: cancel, readRev: rev}, nil
 }
 
