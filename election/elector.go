@@ -37,13 +37,13 @@ type Elector struct {
 	logger  hclog.Logger
 	metrics *metrics
 
-	ctx     context.Context // ends at Close
-	cancel  context.CancelFunc
+	ctx      context.Context // ends at Close
+	cancel   context.CancelFunc
 	watching atomic.Pointer[progressTarget] // the open owner watch; nil while it restarts
-	rewatch chan struct{}               // capacity 1: start the owner watch afresh
-	loops   sync.WaitGroup              // watch, epoch and takeover loops
-	passOns sync.WaitGroup              // keys being passed on (passOnIfUnwanted), also in loops
-	calls   sync.WaitGroup              // callback runners
+	rewatch  chan struct{}                  // capacity 1: start the owner watch afresh
+	loops    sync.WaitGroup                 // watch, epoch and takeover loops
+	passOns  sync.WaitGroup                 // keys being passed on (passOnIfUnwanted), also in loops
+	calls    sync.WaitGroup                 // callback runners
 
 	mu      sync.Mutex
 	table   map[int64]ownerKey                   // every app's owner key, as the watch shows it
