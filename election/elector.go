@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -37,13 +36,14 @@ type Elector struct {
 	logger  hclog.Logger
 	metrics *metrics
 
-	ctx      context.Context // ends at Close
-	cancel   context.CancelFunc
-	watching atomic.Pointer[progressTarget] // the open owner watch; nil while it restarts
-	rewatch  chan struct{}                  // capacity 1: start the owner watch afresh
-	loops    sync.WaitGroup                 // watch, epoch and takeover loops
-	passOns  sync.WaitGroup                 // keys being passed on (passOnIfUnwanted), also in loops
-	calls    sync.WaitGroup                 // callback runners
+	ctx     context.Context // ends at Close
+	cancel  context.CancelFunc
+	watchMu sync.Mutex     // held by a progress request, and to retire a watch generation
+	watchMD *metadata.MD   // the open owner watch's stream metadata; nil while it restarts
+	rewatch chan struct{}  // capacity 1: start the owner watch afresh
+	loops   sync.WaitGroup // watch, epoch and takeover loops
+	passOns sync.WaitGroup // keys being passed on (passOnIfUnwanted), also in loops
+	calls   sync.WaitGroup // callback runners
 
 	mu      sync.Mutex
 	table   map[int64]ownerKey                   // every app's owner key, as the watch shows it
@@ -165,36 +165,35 @@ func (e *Elector) Session() *coord.Session {
 	return e.session
 }
 
-// progressTarget is where a progress request for the open owner watch
-// goes: the watch generation's own Watcher and its stream's metadata.
-type progressTarget struct {
-	watcher clientv3.Watcher
-	md      metadata.MD
-}
-
 // requestProgress asks etcd for a progress notification on the open owner
 // watch's stream, bounded by the round's ctx: the stream is chosen by the
 // metadata, so the request goes where the watch is even though ctx is the
 // round's. While the watch is being restarted there is nothing to ask;
 // the restart's read reports progress.
 //
-// The request goes through the generation's own Watcher, which is closed
-// with the generation: clientv3 answers a request for a stream it no
-// longer has (the watch just broke) by opening that stream, which then
-// lives, with no watch on it, until its Watcher closes — on the client's
-// shared Watcher, until the client does. A request that loses that race
-// to the restart finds the Watcher closed and is dropped, as etcd drops
-// one it cannot answer; the round asks again.
+// clientv3 answers a request for a stream it does not have by opening
+// that stream, with no watch on it, until the client closes. watchMu
+// keeps requests out of a generation that watchLoop retires: none is in
+// flight when it cancels the watch, and none follows. (A watch that etcd
+// ends itself — a leader loss, a compaction — closes its stream before
+// watchLoop hears of it; a request in that moment can still open one,
+// at most one per generation, on the client's own Watcher so that a
+// client wrapped by etcd's namespace package keeps working.)
 func (e *Elector) requestProgress(ctx context.Context) error {
-	t := e.watching.Load()
-	if t == nil {
+	e.watchMu.Lock()
+	defer e.watchMu.Unlock()
+	if e.watchMD == nil {
 		return nil
 	}
-	err := t.watcher.RequestProgress(metadata.NewOutgoingContext(ctx, t.md))
-	if err != nil && e.watching.Load() != t {
-		return nil
-	}
-	return err
+	return e.cli.RequestProgress(metadata.NewOutgoingContext(ctx, *e.watchMD))
+}
+
+// setWatchMD records the open generation's stream metadata, or (nil) that
+// it is being retired; see requestProgress.
+func (e *Elector) setWatchMD(md *metadata.MD) {
+	e.watchMu.Lock()
+	defer e.watchMu.Unlock()
+	e.watchMD = md
 }
 
 // ServerID returns this server's id.
@@ -236,7 +235,7 @@ func (e *Elector) watchLoop(w ownerWatch) {
 				return
 			}
 		}
-		e.watching.Store(nil)
+		e.setWatchMD(nil)
 		w.cancel()
 		for {
 			ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
@@ -286,23 +285,17 @@ func (w ownerWatch) after(events []*clientv3.Event) []*clientv3.Event {
 }
 
 // openWatch starts generation gen of the owner watch on a gRPC stream of
-// its own (its metadata differs from every earlier generation's, and it
-// has a Watcher of its own, closed with it), waits until etcd has created
-// it, and only then reads every owner key into the table. A watch created
-// from the current revision is "synced" in etcd at once, so progress
-// notifications answer it right away; one started from an older revision
-// would wait for etcd's catch-up loop (up to 100 ms) — time in which this
-// server would not see an app handed to it.
+// its own (its metadata differs from every earlier generation's), waits
+// until etcd has created it, and only then reads every owner key into the
+// table. A watch created from the current revision is "synced" in etcd at
+// once, so progress notifications answer it right away; one started from
+// an older revision would wait for etcd's catch-up loop (up to 100 ms) —
+// time in which this server would not see an app handed to it.
 func (e *Elector) openWatch(ctx context.Context, gen int) (ownerWatch, error) {
 	mdctx := metadata.AppendToOutgoingContext(clientv3.WithRequireLeader(e.ctx), "baton-owner-watch", strconv.Itoa(gen))
-	wctx, cancelCtx := context.WithCancel(mdctx)
-	watcher := clientv3.NewWatcher(e.cli)
-	cancel := func() {
-		cancelCtx()
-		watcher.Close()
-	}
+	wctx, cancel := context.WithCancel(mdctx)
 	start, end := e.keys.OwnershipRange()
-	wch := watcher.Watch(wctx, start, clientv3.WithRange(end), clientv3.WithPrevKV(), clientv3.WithCreatedNotify())
+	wch := e.cli.Watch(wctx, start, clientv3.WithRange(end), clientv3.WithPrevKV(), clientv3.WithCreatedNotify())
 	select {
 	case resp, ok := <-wch:
 		if !ok || resp.Err() != nil || !resp.Created {
@@ -319,7 +312,7 @@ func (e *Elector) openWatch(ctx context.Context, gen int) (ownerWatch, error) {
 		return ownerWatch{}, err
 	}
 	md, _ := metadata.FromOutgoingContext(wctx)
-	e.watching.Store(&progressTarget{watcher: watcher, md: md})
+	e.setWatchMD(&md)
 	return ownerWatch{ch: wch, cancel: cancel, readRev: rev}, nil
 }
 

@@ -23,8 +23,10 @@ func (e *Elector) RequestProgress(ctx context.Context) error { return e.requestP
 // OwnerWatch identifies the open owner watch generation; nil while it
 // restarts.
 func (e *Elector) OwnerWatch() any {
-	if t := e.watching.Load(); t != nil {
-		return t
+	e.watchMu.Lock()
+	defer e.watchMu.Unlock()
+	if e.watchMD == nil {
+		return nil
 	}
-	return nil
+	return e.watchMD
 }
