@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs baton's benchmarks and prints one table. About 15 minutes on a
+# Runs baton's benchmarks and prints one table. About 13 minutes on a
 # 2-core machine, most of it the PowerJob-style baseline's 10 s polling
 # (10 crash trials, not 20, to leave room for the scale benchmarks), the
 # rebalancing scenarios' rate-limited moves and the steady state's idle

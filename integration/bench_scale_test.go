@@ -79,7 +79,7 @@ const (
 func scaleRun(b *testing.B, apps int, proxied bool) {
 	phase := time.Now()
 	done := func(what string) {
-		fmt.Fprintf(os.Stderr, "BenchmarkScale apps=%d proxied=%v: %s in %v\n", apps, proxied, what, time.Since(phase).Round(time.Millisecond))
+		fmt.Fprintf(os.Stderr, "scale: apps=%d proxied=%v: %s in %v\n", apps, proxied, what, time.Since(phase).Round(time.Millisecond))
 		phase = time.Now()
 	}
 	e := testutil.EtcdWith(b, etcdcluster.Config{Members: 3})
@@ -137,11 +137,14 @@ func scaleRun(b *testing.B, apps int, proxied bool) {
 	done("fleet start")
 	heap2, _ := heapAndGoroutines()
 	b.ReportMetric(float64(heap2-heap1)/float64(apps), "worker-B/app")
+	b.ReportMetric(idleCPU(b, 10*time.Second), "idle-cpu-s/s")
+	done("idle window")
+	// After the idle window, not right after the starts: a Start returns
+	// once the worker has read its owner key, and its watch follows in
+	// the background, later through a proxy than direct.
 	watchers, streams := etcdWatchGauges(b)
 	b.ReportMetric(watchers-w0, "etcd-watchers")
 	b.ReportMetric(streams-s0, "etcd-watch-streams")
-	b.ReportMetric(idleCPU(b, 10*time.Second), "idle-cpu-s/s")
-	done("idle window")
 
 	byApp := map[int64]int{} // app id → worker index
 	for i, id := range ids {
@@ -228,7 +231,7 @@ func scaleFailover(b *testing.B, cli *clientv3.Client, f *fleet, workers prometh
 		for owned() < len(affected) {
 			if trace && time.Since(lastTrace) >= time.Second {
 				lastTrace = time.Now()
-				fmt.Fprintf(os.Stderr, "BenchmarkScale %s +%v: %s\n", name, time.Since(start).Round(time.Millisecond), scaleProgress(b, workers, others, owned(), len(affected)))
+				fmt.Fprintf(os.Stderr, "scale: %s +%v: %s\n", name, time.Since(start).Round(time.Millisecond), scaleProgress(b, workers, others, owned(), len(affected)))
 			}
 			if time.Since(start) > 60*time.Second {
 				scaleFail(b, "%s: %d of %d apps act elsewhere after 60 s; %s", name, owned(), len(affected), notActing(cli, others, affected))
@@ -327,7 +330,7 @@ func notActing(cli *clientv3.Client, nodes []*server.Node, apps []int64) string 
 // scaleFail reports a failure on stderr as well: a benchmark's log is
 // cut short when the servers' and etcd's warnings fill it.
 func scaleFail(b *testing.B, format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "BenchmarkScale FAILED: "+format+"\n", args...)
+	fmt.Fprintf(os.Stderr, "scale: FAILED: "+format+"\n", args...)
 	b.Errorf(format, args...)
 }
 
