@@ -34,6 +34,23 @@ func nsClient(t testing.TB, c *cluster, ns string) func([]string) *clientv3.Clie
 	}
 }
 
+// registerAndElect registers an app through n's own client (a namespaced
+// one writes under its namespace) and elects n for it.
+func registerAndElect(t *testing.T, c *cluster, n *node, name string) coord.AppRecord {
+	t.Helper()
+	reg := testutil.Must(coord.NewRegistry(n.cli, c.keys.Prefix()))
+	app, err := reg.Register(context.Background(), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := n.el.Elect(ctx, app.ID, coord.ProtocolHTTP, ""); err != nil {
+		t.Fatalf("elect: %v", err)
+	}
+	return app
+}
+
 // A server whose client is namespaced (etcd's documented way to share a
 // cluster between tenants) reads, writes, leases and watches everything
 // through that client. An owner watch from clientv3.NewWatcher(cli) — a
@@ -47,16 +64,7 @@ func nsClient(t testing.TB, c *cluster, ns string) func([]string) *clientv3.Clie
 func TestBreakProgressNamespacedServerActsAfterItsElection(t *testing.T) {
 	c := newCluster(t, 1, time.Second)
 	a := c.addNode("a", withClient(nsClient(t, c, "/tenant")))
-	reg := testutil.Must(coord.NewRegistry(a.cli, c.keys.Prefix()))
-	app, err := reg.Register(context.Background(), "ns-app")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := a.el.Elect(ctx, app.ID, coord.ProtocolHTTP, ""); err != nil {
-		t.Fatalf("elect: %v", err)
-	}
+	app := registerAndElect(t, c, a, "ns-app")
 	if !c.rec.wait(5*time.Second, func([]event) bool { return len(a.el.Owned()) == 1 }) {
 		t.Fatalf("a wrote its owner key (app %d) but does not act for it 5 s later; guard confirmed: %v", app.ID, a.session.Check())
 	}
@@ -71,16 +79,7 @@ func TestBreakProgressNamespacedServerSeesItsDeposition(t *testing.T) {
 	c := newCluster(t, 1, time.Second)
 	a := c.addNode("a", withClient(nsClient(t, c, "/tenant")))
 	b := c.addNode("b", withClient(nsClient(t, c, "/tenant")))
-	reg := testutil.Must(coord.NewRegistry(a.cli, c.keys.Prefix()))
-	app, err := reg.Register(context.Background(), "ns-app")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := a.el.Elect(ctx, app.ID, coord.ProtocolHTTP, ""); err != nil {
-		t.Fatalf("elect: %v", err)
-	}
+	app := registerAndElect(t, c, a, "ns-app")
 	// Whatever makes a's table show its key: its watch, or a restart.
 	if !c.rec.wait(2*time.Second, func([]event) bool { return len(a.el.Owned()) == 1 }) {
 		t.Log("a does not act after its election; restarting its owner watch (as its guard firing would)")
@@ -91,6 +90,8 @@ func TestBreakProgressNamespacedServerSeesItsDeposition(t *testing.T) {
 	}
 	// a stops answering pings: b overwrites its live key.
 	c.pinger.setDown(a.addr, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
 	if _, err := b.el.Elect(ctx, app.ID, coord.ProtocolHTTP, ""); err != nil {
 		t.Fatalf("b's takeover: %v", err)
 	}
